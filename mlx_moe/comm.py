@@ -1,0 +1,118 @@
+"""Collectives used by mlx-moe: counted, and kept under a message-size bound.
+
+Every collective goes through here so tests and benchmarks can count them
+(`comm_stats`) and so the buffer guard lives in one place: an array larger
+than the bound travels as several messages of at most that many bytes.
+
+Why a bound: JACCL (Thunderbolt 5 RDMA) streams collectives through fixed
+buffers of at most 512 KiB (4 KiB on older macOS), and a prefill-sized
+message overran them in exo (a SIGSEGV in all_gather). The default of
+512 KiB keeps a message within one such buffer; on the ring backend (TCP)
+it costs nothing measurable since a decode step's messages are a few KiB
+and prefill pieces of 512 KiB already amortize the per-message latency.
+Set it with `load_sharded(max_collective_bytes=...)` or the environment
+variable MLX_MOE_MAX_COLLECTIVE_BYTES.
+"""
+
+import math
+import os
+
+import mlx.core as mx
+
+DEFAULT_MAX_COLLECTIVE_BYTES = 512 * 1024
+
+# Above this many bytes a collective is evaluated where it is issued, so a
+# long prompt becomes a series of bounded graphs rather than one graph of
+# compute and collectives (which trips the ~5 s Metal watchdog on macOS).
+EVAL_ABOVE_BYTES = 1024 * 1024
+
+_stats = {"collectives": 0, "messages": 0, "max_message_bytes": 0, "total_bytes": 0}
+_max_bytes = int(os.environ.get("MLX_MOE_MAX_COLLECTIVE_BYTES", DEFAULT_MAX_COLLECTIVE_BYTES))
+
+
+def set_max_message_bytes(n: int) -> None:
+    global _max_bytes
+    if n < 1024:
+        raise ValueError(f"max collective bytes must be at least 1024, got {n}")
+    _max_bytes = int(n)
+
+
+def max_message_bytes() -> int:
+    return _max_bytes
+
+
+def comm_stats() -> dict:
+    """Counters since the last reset: collectives issued, messages sent
+    (a guarded collective may split into several), largest message, total bytes."""
+    return dict(_stats)
+
+
+def reset_comm_stats() -> None:
+    for k in _stats:
+        _stats[k] = 0
+
+
+def _pieces(x: mx.array):
+    """x flattened into row-major pieces of at most the bound: along the
+    token axis first, and within a row only if one row is over the bound."""
+    flat = x.reshape(-1)
+    per_piece = max(1, _max_bytes // x.itemsize)
+    n = math.ceil(flat.size / per_piece) if flat.size else 1
+    _stats["collectives"] += 1
+    if n == 1:
+        pieces = [flat]
+    else:
+        pieces = [flat[i * per_piece : (i + 1) * per_piece] for i in range(n)]
+    for p in pieces:
+        _stats["messages"] += 1
+        _stats["total_bytes"] += p.nbytes
+        _stats["max_message_bytes"] = max(_stats["max_message_bytes"], p.nbytes)
+    return pieces
+
+
+def _join(pieces, x: mx.array) -> mx.array:
+    out = pieces[0] if len(pieces) == 1 else mx.concatenate(pieces)
+    out = out.reshape(x.shape)
+    if x.nbytes > EVAL_ABOVE_BYTES:
+        mx.eval(out)
+    return out
+
+
+def all_sum(x: mx.array, group: mx.distributed.Group) -> mx.array:
+    """Sum `x` over the group: the one combine of an expert-parallel layer.
+
+    Counted when the graph is built, which is when the order of collectives
+    is fixed: every rank builds the same graph, so they pair up.
+    """
+    return _join([mx.distributed.all_sum(p, group=group) for p in _pieces(x)], x)
+
+
+def send(x: mx.array, dst: int, group: mx.distributed.Group) -> mx.array:
+    """Send `x` to rank `dst`; returns `x` made to depend on the send, so
+    the send happens when the result is evaluated."""
+    sent = [mx.distributed.send(p, dst, group=group) for p in _pieces(x)]
+    out = mx.depends(x, sent)
+    if x.nbytes > EVAL_ABOVE_BYTES:
+        mx.eval(out)
+    return out
+
+
+def recv_like(x: mx.array, src: int, group: mx.distributed.Group) -> mx.array:
+    """Receive an array shaped like `x` from rank `src` (sent by `send`)."""
+    return _join([mx.distributed.recv_like(p, src, group=group) for p in _pieces(x)], x)
+
+
+def broadcast(x: mx.array, src: int, group: mx.distributed.Group) -> mx.array:
+    """Every rank gets rank `src`'s `x` (there is no broadcast in
+    mx.distributed: the others add zeros, which keeps the sum exact)."""
+    if group.rank() != src:
+        # Zeros that still depend on x, so work queued behind x (a send) runs.
+        x = mx.depends(mx.zeros_like(x), x)
+    return all_sum(x, group)
+
+
+def barrier(group: mx.distributed.Group) -> None:
+    """Wait for every rank. Synchronize first: a step still in flight on
+    another stream could otherwise pair its collective with this one."""
+    mx.synchronize()
+    mx.eval(mx.distributed.all_sum(mx.array(1.0), group=group, stream=mx.cpu))

@@ -1,0 +1,277 @@
+"""Expert parallelism: each rank holds a contiguous range of every MoE
+layer's experts and computes only the (token, expert) pairs routed to them.
+
+A token's trip through one expert-parallel layer, top to bottom:
+1. route: the block's own router runs unchanged on every rank (replicated),
+   producing `indices` [..., k] and `scores` [..., k];
+2. local compute: `LocalExperts` replaces the block's experts container
+   (SwitchGLU / SwitchMLP) and evaluates only pairs whose expert is local,
+   returning zeros for the rest, so the block's weighted sum over k is this
+   rank's partial output;
+3. combine: `ExpertParallelBlock` wraps the block and joins the partial
+   outputs with one `all_sum` per layer. Shared experts are computed by one
+   rank only, so they join the same single combine without being counted N
+   times. Attention stays replicated: one collective per decoder layer.
+"""
+
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Tuple
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
+from mlx_lm.models.switch_layers import (
+    QuantizedSwitchLinear,
+    SwitchGLU,
+    SwitchLinear,
+    SwitchMLP,
+)
+
+from . import comm
+from .plan import (
+    LayerPlan,
+    PlanError,
+    ShardingPlan,
+    Strategy,
+    layer_index,
+    module_at,
+    register,
+    replace_module,
+    split_evenly,
+)
+
+_SWITCH_LINEARS = (SwitchLinear, QuantizedSwitchLinear)
+
+# Below this many tokens a rank runs every (token, expert) pair through its
+# local experts with clipped indices and masks the foreign ones: no host
+# sync, so decode steps stay asynchronous, and T*k pairs is tiny anyway.
+# From here on it gathers just its local pairs (about T*k/N of them), which
+# costs one host sync per layer to learn the pair count but makes prefill
+# work per rank scale with its share of the routing.
+GATHER_MIN_TOKENS = 32
+
+
+def is_experts_container(m: nn.Module) -> bool:
+    """A module that stacks experts on axis 0: SwitchGLU / SwitchMLP or any
+    container whose direct children are switch linears."""
+    if isinstance(m, (SwitchGLU, SwitchMLP)):
+        return True
+    return isinstance(m, nn.Module) and any(
+        isinstance(c, _SWITCH_LINEARS) for c in m.children().values()
+    )
+
+
+@dataclass
+class MoEBlock:
+    experts: str  # attribute name of the experts container in the block
+    num_experts: int
+    top_k: Optional[int]
+    shared: Tuple[str, ...]
+
+
+class BlockHandler:
+    """Detects one kind of MoE block. The generic handler, found by module
+    type, serves most mlx-lm models; an architecture whose block needs
+    different treatment registers its own handler ahead of it."""
+
+    name = "generic"
+
+    def match(self, block: nn.Module) -> Optional[MoEBlock]:
+        children = block.children()
+        experts = [k for k, c in children.items() if is_experts_container(c)]
+        if len(experts) != 1:
+            return None
+        container = children[experts[0]]
+        num_experts = _num_experts(container)
+        top_k = next(
+            (
+                getattr(block, a)
+                for a in ("top_k", "num_experts_per_tok", "k", "n_activated_experts")
+                if isinstance(getattr(block, a, None), int)
+            ),
+            None,
+        )
+        shared = tuple(
+            k
+            for k, c in children.items()
+            if "shared" in k and not k.endswith("gate") and isinstance(c, nn.Module)
+        )
+        return MoEBlock(experts[0], num_experts, top_k, shared)
+
+
+def _num_experts(container: nn.Module) -> int:
+    for c in container.children().values():
+        if isinstance(c, _SWITCH_LINEARS):
+            return c.weight.shape[0]
+    raise PlanError(f"{type(container).__name__} holds no switch linear")
+
+
+_HANDLERS: List[BlockHandler] = [BlockHandler()]
+
+
+def register_block(handler: BlockHandler) -> BlockHandler:
+    """Register an architecture-specific handler; it is tried before the generic one."""
+    _HANDLERS.insert(0, handler)
+    return handler
+
+
+def find_moe_blocks(model: nn.Module) -> List[Tuple[str, MoEBlock, BlockHandler]]:
+    found = []
+    for path, m in model.named_modules():
+        for h in _HANDLERS:
+            info = h.match(m)
+            if info is not None:
+                found.append((path, info, h))
+                break
+    return sorted(found, key=lambda f: (layer_index(f[0]), f[0]))
+
+
+class LocalExperts(nn.Module):
+    """Experts [lo, hi) of a stacked-experts container, called like the
+    container: (x [..., D], indices [..., k] global ids) -> [..., k, D]
+    with zeros for the pairs routed to other ranks."""
+
+    def __init__(self, experts: nn.Module, lo: int, hi: int):
+        super().__init__()
+        self.experts = experts
+        self.lo, self.hi = lo, hi
+
+    def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
+        tokens = indices.size // indices.shape[-1]
+        if tokens < GATHER_MIN_TOKENS:
+            return self._masked(x, indices)
+        return self._gathered(x, indices)
+
+    def _masked(self, x, indices):
+        local = (indices >= self.lo) & (indices < self.hi)
+        y = self.experts(x, mx.where(local, indices - self.lo, 0))
+        return mx.where(local[..., None], y, mx.zeros((), dtype=y.dtype))
+
+    def _gathered(self, x, indices):
+        k = indices.shape[-1]
+        flat = indices.flatten()  # [T*k] expert id per pair
+        order = mx.argsort(flat)
+        # The pair count decides the shape of the local computation.
+        start, end = mx.stack([(flat < self.lo).sum(), (flat < self.hi).sum()]).tolist()
+        if end == start:
+            return mx.zeros((*indices.shape, x.shape[-1]), dtype=x.dtype)
+        pairs = order[start:end]  # local pairs, sorted by expert
+        xs = x.reshape(-1, x.shape[-1])[pairs // k]  # [P, D]
+        ys = self.experts(xs, (flat[pairs] - self.lo)[:, None]).squeeze(-2)  # [P, D]
+        pad = lambda n: mx.zeros((n, ys.shape[-1]), dtype=ys.dtype)
+        ys = mx.concatenate([pad(start), ys, pad(flat.size - end)])
+        return ys[mx.argsort(order)].reshape(*indices.shape, ys.shape[-1])
+
+
+class Absent(nn.Module):
+    """A shared expert computed by another rank: adds zero to this rank's
+    partial output, which keeps the block's sum exact after the combine."""
+
+    def __call__(self, x, *args, **kwargs):
+        return mx.zeros_like(x)
+
+
+class ExpertParallelBlock(nn.Module):
+    """An MoE block whose output is a partial sum, joined by one all_sum."""
+
+    def __init__(self, block: nn.Module, group):
+        super().__init__()
+        self.block = block
+        self.group = group
+
+    def __call__(self, *args, **kwargs):
+        return comm.all_sum(self.block(*args, **kwargs), self.group)
+
+
+def copy_rows(name: str, array: mx.array, lo: int, hi: int) -> mx.array:
+    """Rows [lo, hi) of an in-memory array as an array of their own: a plain
+    slice would keep the whole tensor alive."""
+    rows = array[lo:hi]
+    mx.eval(rows)
+    return mx.array(rows)
+
+
+class ExpertParallel(Strategy):
+    name = "expert"
+
+    def detect(self, model, group, expert_weights=None, **_) -> ShardingPlan:
+        size, rank = group.size(), group.rank()
+        blocks = find_moe_blocks(model)
+        if not blocks and any(isinstance(m, _SWITCH_LINEARS) for _, m in model.named_modules()):
+            raise PlanError(
+                "the model has switch-linear experts in a block no registered expert "
+                "strategy recognizes; use strategy='pipeline'"
+            )
+        if not blocks:
+            raise PlanError(
+                "the model has no MoE block (no SwitchGLU/SwitchLinear experts); "
+                "use strategy='pipeline' for dense models"
+            )
+        weights = expert_weights or [1] * size
+        if len(weights) != size:
+            raise PlanError(f"expert_weights has {len(weights)} entries for {size} ranks")
+        layers = []
+        for path, info, handler in blocks:
+            if info.num_experts < size:
+                raise PlanError(
+                    f"{path} has {info.num_experts} experts but there are {size} ranks; "
+                    f"use at most {info.num_experts} ranks or strategy='pipeline'"
+                )
+            ranges = split_evenly(info.num_experts, weights)
+            # The rank with the fewest experts has the most room for the shared ones.
+            shared_rank = min(range(size), key=lambda r: (ranges[r][1] - ranges[r][0], -r))
+            layers.append(
+                LayerPlan(
+                    index=layer_index(path),
+                    path=path,
+                    kind="moe",
+                    holder="experts",
+                    num_experts=info.num_experts,
+                    top_k=info.top_k,
+                    shared=info.shared,
+                    shared_rank=shared_rank if info.shared else None,
+                    ranges=ranges,
+                    handler=handler.name,
+                )
+            )
+        moe_idx = {l.index for l in layers}
+        for i, _ in enumerate(getattr(model, "layers", [])):
+            if i not in moe_idx:
+                layers.append(LayerPlan(i, f"layers.{i}", "dense", "replicated"))
+        layers.sort(key=lambda l: (l.index, l.path))
+        return ShardingPlan(
+            "expert",
+            f"{len(blocks)} MoE blocks, experts split on axis 0, attention replicated",
+            size,
+            rank,
+            layers,
+        )
+
+    def apply(self, model, plan, group, read_rows: Callable = copy_rows) -> None:
+        """Keep this rank's experts, drop the rest, wrap each block for the
+        combine. `read_rows(name, array, lo, hi)` materializes rows of a
+        stacked parameter (the loader reads them straight from the file)."""
+        info = dict((p, (i, h)) for p, i, h in find_moe_blocks(model))
+        local_bytes = total_bytes = 0
+        for layer in plan.moe_layers:
+            block = module_at(model, layer.path)
+            moe, _ = info[layer.path]
+            lo, hi = plan.local_range(layer)
+            container = block[moe.experts]
+            prefix = f"{layer.path}.{moe.experts}."
+            rows = []
+            for name, p in tree_flatten(container.parameters()):
+                total_bytes += p.nbytes
+                local = read_rows(prefix + name, p, lo, hi)
+                local_bytes += local.nbytes
+                rows.append((name, local))
+            container.update(tree_unflatten(rows))
+            setattr(block, moe.experts, LocalExperts(container, lo, hi))
+            for s in moe.shared:
+                if layer.shared_rank != plan.rank:
+                    setattr(block, s, Absent())
+            replace_module(model, layer.path, ExpertParallelBlock(block, group))
+        plan.param_bytes = {"experts_local": local_bytes, "experts_total": total_bytes}
+
+
+register(ExpertParallel())

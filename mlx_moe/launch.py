@@ -1,0 +1,102 @@
+"""Starting ranks through `mlx.launch` (ssh for remote hosts, local
+processes for 127.0.0.1), with a time bound so a hang fails instead of
+freezing the caller."""
+
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+LOCAL_NAMES = {"localhost", "127.0.0.1", "::1"}
+
+
+def mlx_launch() -> str:
+    """The mlx.launch beside this interpreter (a venv's bin), else on PATH."""
+    beside = Path(sys.executable).parent / "mlx.launch"
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("mlx.launch")
+    if found is None:
+        raise FileNotFoundError("mlx.launch not found: install mlx in this environment")
+    return found
+
+
+def free_port_range(n: int) -> int:
+    """A first port p such that p .. p+n-1 are free on 127.0.0.1 right now
+    (the ring backend listens on consecutive ports, one per rank)."""
+    for _ in range(200):
+        base = random.randint(20000, 60000 - n)
+        socks = []
+        try:
+            for p in range(base, base + n):
+                s = socket.socket()
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                s.bind(("127.0.0.1", p))
+                socks.append(s)
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError(f"no {n} consecutive free ports found")
+
+
+def normalize_hosts(hosts: Sequence[str]) -> List[str]:
+    # mlx.launch runs 127.0.0.1 locally but would ssh to "localhost".
+    return ["127.0.0.1" if h in LOCAL_NAMES else h for h in hosts]
+
+
+def launch_command(
+    argv: Sequence[str],
+    hosts: Sequence[str] = ("127.0.0.1", "127.0.0.1"),
+    backend: str = "ring",
+    hostfile: Optional[str] = None,
+    python: Optional[str] = None,
+    port: Optional[int] = None,
+    env: Sequence[str] = (),
+) -> List[str]:
+    """The mlx.launch command line that runs `python argv...` once per host
+    (`python` defaults to this interpreter; argv is e.g. ["-m", "pkg.mod"])."""
+    cmd = [mlx_launch()]
+    if hostfile:
+        cmd += ["--hostfile", hostfile]
+    else:
+        cmd += ["--hosts", ",".join(normalize_hosts(hosts))]
+    if backend != "auto":
+        cmd += ["--backend", backend]
+    if backend in ("ring", "auto") and not hostfile:
+        cmd += ["--starting-port", str(port or free_port_range(len(hosts)))]
+    cmd += ["--python", python or sys.executable]
+    for e in env:
+        cmd += ["--env", e]
+    return cmd + ["--", *argv]
+
+
+def run_ranks(argv: Sequence[str], n: int = 2, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
+    """Run `argv` on n local ranks over ring and wait at most `timeout`
+    seconds; on time-out every rank is killed and TimeoutError raised with
+    the output so far."""
+    cmd = launch_command(argv, hosts=["127.0.0.1"] * n, **kw)
+    # stdin is a pipe nobody writes: mlx.launch polls it, and /dev/null would
+    # make that poll spin and steal a core from the ranks.
+    p = subprocess.Popen(
+        cmd,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        out, err = p.communicate()
+        raise TimeoutError(f"ranks did not finish in {timeout}s\nstdout:\n{out}\nstderr:\n{err}")
+    return subprocess.CompletedProcess(cmd, p.returncode, out, err)

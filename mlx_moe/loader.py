@@ -1,0 +1,154 @@
+"""load_sharded: resolve the checkpoint -> lazy model -> plan -> apply ->
+read this rank's weights."""
+
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+from mlx_lm.utils import load_model, load_tokenizer
+
+from . import comm
+from .checkpoint import Checkpoint
+from .expert import copy_rows
+from .plan import ShardingPlan, get_strategy, plan as make_plan
+
+# Everything but the weights: enough to build the model and plan it.
+METADATA_PATTERNS = ["*.json", "*.py", "tokenizer.model", "*.tiktoken", "*.txt", "*.jsonl", "*.jinja"]
+
+
+def log(msg: str) -> None:
+    """Progress for long work, on stderr so stdout stays the program's."""
+    if os.environ.get("MLX_MOE_QUIET") != "1":
+        print(msg, file=sys.stderr, flush=True)
+
+
+def _download(model_id: str, revision, allow_patterns) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(model_id, revision=revision, allow_patterns=allow_patterns))
+    except Exception as e:
+        raise FileNotFoundError(
+            f"Could not fetch {model_id!r} from the Hugging Face hub ({type(e).__name__}: {e}). "
+            "Pass a local checkpoint directory, or check the repo id and your network."
+        ) from e
+
+
+def local_checkpoint(model_id: str) -> Optional[Path]:
+    """The directory `model_id` names, None if it is a hub repo id."""
+    path = Path(model_id).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"{path} has no config.json: not an mlx-lm checkpoint")
+        return path
+    if model_id.startswith((".", "/", "~")) or model_id.count("/") != 1:
+        raise FileNotFoundError(
+            f"No checkpoint directory at {model_id!r}, and it is not a Hugging Face repo id (owner/name)."
+        )
+    return None
+
+
+def files_for(path: Path, plan: ShardingPlan):
+    """The weight files this rank needs. Expert parallel needs every file
+    (each holds a slice for every rank); a pipeline stage needs the files
+    holding its layers and the layer-less weights (embeddings, norm, head)."""
+    index = path / "model.safetensors.index.json"
+    if not index.exists():
+        return ["model*.safetensors"]  # one file: nothing to choose
+    weight_map = json.loads(index.read_text())["weight_map"]
+    if plan.strategy != "pipeline":
+        return sorted(set(weight_map.values()))
+    lo, hi = plan.layers[0].ranges[plan.rank]
+    needed = set()
+    for key, file in weight_map.items():
+        m = re.search(r"(?:^|\.)layers\.(\d+)\.", key)
+        if m is None or lo <= int(m.group(1)) < hi:
+            needed.add(file)
+    return sorted(needed)
+
+
+def param_bytes(model: nn.Module) -> int:
+    return sum(p.nbytes for _, p in tree_flatten(model.parameters()))
+
+
+def load_sharded(
+    model_id: str,
+    group: Optional[mx.distributed.Group] = None,
+    strategy: str = "auto",
+    *,
+    expert_weights: Optional[Sequence[float]] = None,
+    layer_weights: Optional[Sequence[float]] = None,
+    max_collective_bytes: Optional[int] = None,
+    revision: Optional[str] = None,
+):
+    """Load `model_id` (a local mlx-lm checkpoint or a Hugging Face repo id)
+    sharded over `group` (default: `mx.distributed.init()`).
+
+    strategy: "auto" (expert parallel for MoE models, pipeline otherwise),
+    "expert" or "pipeline". expert_weights / layer_weights: one positive
+    number per rank, its share of experts / layers (default even).
+    max_collective_bytes: the largest message any collective may send.
+
+    Returns `(model, tokenizer)`; `model` is a drop-in mlx-lm model whose
+    `sharding_plan` says what each rank holds. With one process this is the
+    plain single-process model.
+    """
+    group = group or mx.distributed.init()
+    rank, size = group.rank(), group.size()
+    if strategy != "auto":
+        get_strategy(strategy)  # an unknown name fails before any work
+    if max_collective_bytes is not None:
+        comm.set_max_message_bytes(max_collective_bytes)
+    options = dict(expert_weights=expert_weights, layer_weights=layer_weights)
+    t0 = time.perf_counter()
+
+    path = local_checkpoint(model_id)
+    if size == 1:
+        path = path or _download(model_id, revision, None)
+        model, config = load_model(path)
+        model.sharding_plan = ShardingPlan("single", "one process: the plain model", 1, 0, [])
+        return model, load_tokenizer(path, eos_token_ids=config.get("eos_token_id", None))
+
+    strict = True
+    if path is None:
+        # Plan on the bare model first, then fetch only this rank's files.
+        path = _download(model_id, revision, METADATA_PATTERNS)
+        skeleton, _ = load_model(path, lazy=True, strict=False)
+        files = files_for(path, make_plan(skeleton, group, strategy, **options))
+        log(f"[rank {rank}/{size}] downloading {len(files)} weight file(s) of {model_id}")
+        path = _download(model_id, revision, files)
+        strict = False  # a pipeline stage has only its own layers' files
+
+    # Build the model lazily: nothing is read until a parameter is evaluated.
+    model, config = load_model(path, lazy=True, strict=strict)
+    plan = make_plan(model, group, strategy, **options)
+    log(f"[rank {rank}/{size}] plan: {plan.strategy} ({plan.reason})")
+
+    ckpt = Checkpoint(path)
+
+    def read_rows(name, array, lo, hi):
+        rows = ckpt.read_rows(name, array, lo, hi)
+        # A tensor that sanitize renamed or rebuilt is read whole, then copied.
+        return rows if rows is not None else copy_rows(name, array, lo, hi)
+
+    get_strategy(plan.strategy).apply(model, plan, group, read_rows=read_rows)
+    mx.eval(model.parameters())
+    plan.param_bytes["total"] = param_bytes(model)
+    if "experts_local" in plan.param_bytes:
+        plan.param_bytes["replicated"] = plan.param_bytes["total"] - plan.param_bytes["experts_local"]
+    model.sharding_plan = plan
+    comm.barrier(group)
+    log(
+        f"[rank {rank}/{size}] loaded in {time.perf_counter() - t0:.1f}s: "
+        f"{plan.param_bytes['total'] / 2**20:.1f} MiB of parameters"
+        + (f", {ckpt.bytes_read / 2**20:.1f} MiB of them expert rows" if ckpt.bytes_read else "")
+    )
+    tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id", None))
+    return model, tokenizer

@@ -1,0 +1,39 @@
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from mlx_moe.launch import run_ranks
+from mlx_moe.synthetic import synthesize
+
+WORKERS = Path(__file__).parent / "workers"
+
+
+@pytest.fixture(scope="session")
+def ckpt_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("checkpoints")
+
+
+@pytest.fixture(scope="session")
+def checkpoint(ckpt_dir):
+    """synthesize into a session cache: the same arguments give the same directory."""
+
+    def make(arch="qwen3_moe", **kw):
+        name = arch + "".join(f"-{k}{v}" for k, v in sorted(kw.items()))
+        return synthesize(ckpt_dir / name, arch, **kw)
+
+    return make
+
+
+def launch(worker: str, spec: dict, n: int, tmp_path: Path, timeout: float = 300):
+    """Run tests/workers/<worker>.py on n local ranks; return each rank's JSON."""
+    spec = dict(spec, out=str(tmp_path))
+    proc = run_ranks([str(WORKERS / f"{worker}.py"), json.dumps(spec)], n=n, timeout=timeout)
+    assert proc.returncode == 0, f"ranks failed ({proc.returncode})\n{proc.stdout}\n{proc.stderr}"
+    outs = []
+    for r in range(n):
+        f = tmp_path / f"rank{r}.json"
+        assert f.exists(), f"rank {r} wrote no result\n{proc.stdout}\n{proc.stderr}"
+        outs.append(json.loads(f.read_text()))
+    return outs
