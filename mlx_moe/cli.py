@@ -21,6 +21,9 @@ def _add_cluster_args(p):
     p.add_argument("--python", help="the Python interpreter on the remote hosts (default: this one's path)")
     p.add_argument("--strategy", default="auto", choices=["auto", "expert", "pipeline"],
                    help="auto: expert parallel for MoE models, else pipeline")
+    p.add_argument("--max-collective-bytes", type=int, default=None,
+                   help="largest message any collective sends; bigger ones are split "
+                        "(default 512 KiB, or $MLX_MOE_MAX_COLLECTIVE_BYTES)")
 
 
 def _launch(args, argv):
@@ -32,6 +35,8 @@ def _launch(args, argv):
 def cmd_generate(args):
     argv = ["-m", "mlx_moe.generate", "--model", args.model, "--prompt", args.prompt,
             "--max-tokens", str(args.max_tokens), "--strategy", args.strategy]
+    if args.max_collective_bytes:
+        argv += ["--max-collective-bytes", str(args.max_collective_bytes)]
     return _launch(args, argv)
 
 

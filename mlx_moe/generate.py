@@ -18,11 +18,13 @@ def main(argv=None):
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--strategy", default="auto")
+    p.add_argument("--max-collective-bytes", type=int, default=None)
     p.add_argument("--raw", action="store_true", help="do not apply the chat template")
     args = p.parse_args(argv)
 
     group = mx.distributed.init()
-    model, tokenizer = load_sharded(args.model, group, args.strategy)
+    model, tokenizer = load_sharded(args.model, group, args.strategy,
+                                    max_collective_bytes=args.max_collective_bytes)
     rank = group.rank()
     if rank == 0:
         print(model.sharding_plan, file=sys.stderr, flush=True)

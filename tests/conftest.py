@@ -1,3 +1,4 @@
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -20,13 +21,14 @@ def checkpoint(ckpt_dir):
     """synthesize into a session cache: the same arguments give the same directory."""
 
     def make(arch="qwen3_moe", **kw):
-        name = arch + "".join(f"-{k}{v}" for k, v in sorted(kw.items()))
+        key = json.dumps(kw, sort_keys=True)
+        name = f"{arch}-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
         return synthesize(ckpt_dir / name, arch, **kw)
 
     return make
 
 
-def launch(worker: str, spec: dict, n: int, tmp_path: Path, timeout: float = 300):
+def launch(worker: str, spec: dict, n: int, tmp_path: Path, timeout: float = 600):
     """Run tests/workers/<worker>.py on n local ranks; return each rank's JSON."""
     spec = dict(spec, out=str(tmp_path))
     proc = run_ranks([str(WORKERS / f"{worker}.py"), json.dumps(spec)], n=n, timeout=timeout)

@@ -1,0 +1,42 @@
+"""The single-process mlx-lm model each sharded run is held against."""
+
+import functools
+
+import mlx.core as mx
+import numpy as np
+from mlx.utils import tree_flatten
+from mlx_lm import generate, load
+from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
+
+
+@functools.lru_cache(maxsize=None)
+def _load(path):
+    return load(path)
+
+
+def chat_prompt(path, text="Where does the river run?"):
+    tokenizer = _load(str(path))[1]
+    return tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+
+
+def last_logits(path, ids):
+    model = _load(str(path))[0]
+    return np.array(model(mx.array([ids]))[0, -1])
+
+
+def greedy_text(path, prompt, max_tokens):
+    model, tokenizer = _load(str(path))
+    return generate(model, tokenizer, prompt, max_tokens=max_tokens)
+
+
+def param_bytes(path):
+    """(total, experts) parameter bytes of the single-process model."""
+    model = _load(str(path))[0]
+    nbytes = lambda m: sum(v.nbytes for _, v in tree_flatten(m.parameters()))
+    experts = sum(nbytes(m) for _, m in model.named_modules()
+                  if isinstance(m, (SwitchLinear, QuantizedSwitchLinear)))
+    return nbytes(model), experts
+
+
+def max_diff(got, want):
+    return float(np.abs(np.array(got) - want).max())
