@@ -1,12 +1,17 @@
 """The `mlx-moe` command."""
 
 import argparse
+import json
 import os
+import signal
 import subprocess
 import sys
+import threading
+import time
+import urllib.request
 from pathlib import Path
 
-from .launch import launch_command
+from .launch import free_port, launch_command, stop_group, wait_ready
 
 DEMO_DIR = Path(os.environ.get("MLX_MOE_HOME", Path.home() / ".cache" / "mlx-moe")) / "demo-qwen3-moe-4bit"
 
@@ -26,10 +31,57 @@ def _add_cluster_args(p):
                         "(default 512 KiB, or $MLX_MOE_MAX_COLLECTIVE_BYTES)")
 
 
+def _signal_group(proc, sig):
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
 def _launch(args, argv):
+    """Run the ranks until they finish; Ctrl-C or SIGTERM stops every rank."""
     cmd = launch_command(argv, hosts=args.hosts.split(","), backend=args.backend,
                          hostfile=args.hostfile, python=args.python)
-    return subprocess.call(cmd, stdin=subprocess.PIPE)
+    # Its own session, so stopping it reaches every rank (and ssh client) it started.
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, start_new_session=True)
+    stopping = []
+
+    def on_signal(signum, frame):
+        # Only signal here: the main thread is inside proc.wait() and holds
+        # its lock, so waiting in the handler would deadlock.
+        stopping.append(signum)
+        _signal_group(proc, signal.SIGTERM)
+        timer = threading.Timer(10, _signal_group, (proc, signal.SIGKILL))
+        timer.daemon = True
+        timer.start()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        rc = proc.wait()
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+        _signal_group(proc, signal.SIGKILL)  # no rank outlives the command
+    if stopping:
+        print("mlx-moe: stopped every rank", file=sys.stderr)
+        return 0
+    if rc != 0:
+        print(f"mlx-moe: a rank failed (mlx.launch exit code {rc}); every rank was stopped", file=sys.stderr)
+    return rc
+
+
+def _serve_argv(args):
+    argv = ["-m", "mlx_moe.serve.rank", "--model", args.model, "--host", args.host,
+            "--port", str(args.port), "--strategy", args.strategy]
+    if args.max_collective_bytes:
+        argv += ["--max-collective-bytes", str(args.max_collective_bytes)]
+    if getattr(args, "max_context", None):
+        argv += ["--max-context", str(args.max_context)]
+    return argv
+
+
+def cmd_serve(args):
+    return _launch(args, _serve_argv(args))
 
 
 def cmd_generate(args):
@@ -40,16 +92,42 @@ def cmd_generate(args):
     return _launch(args, argv)
 
 
+def _post(url, body):
+    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=300) as r:
+        return json.load(r)
+
+
 def cmd_demo(args):
     from .synthetic import synthesize
 
     path = synthesize(DEMO_DIR, "qwen3_moe", layers=4, hidden=128, experts=8, top_k=2, quantize=4)
     print(f"synthetic 4-bit qwen3_moe checkpoint: {path}", file=sys.stderr)
-    args.hosts, args.hostfile, args.backend, args.python, args.strategy = (
-        "127.0.0.1,127.0.0.1", None, "ring", None, "expert")
-    argv = ["-m", "mlx_moe.generate", "--model", str(path),
-            "--prompt", "Tell me about experts.", "--max-tokens", str(args.max_tokens)]
-    return _launch(args, argv)
+    args.model, args.host, args.port, args.strategy, args.max_collective_bytes = (
+        str(path), "127.0.0.1", free_port(), "expert", None)
+    cmd = launch_command(_serve_argv(args), hosts=["127.0.0.1", "127.0.0.1"])
+    url = f"http://127.0.0.1:{args.port}"
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, start_new_session=True)
+    try:
+        wait_ready(url, proc)
+        question = "Tell me about the river."
+        t0 = time.perf_counter()
+        answer = _post(url + "/v1/chat/completions", {
+            "model": str(path), "messages": [{"role": "user", "content": question}],
+            "max_tokens": args.max_tokens, "temperature": 0})
+        elapsed = time.perf_counter() - t0
+        with urllib.request.urlopen(url + "/v1/plan", timeout=30) as r:
+            plan = json.load(r)["plan"]
+        usage = answer["usage"]
+        print(f"\nplan:\n{plan}\n")
+        print(f"user: {question}")
+        print(f"assistant (random weights, so noise): {answer['choices'][0]['message']['content']!r}")
+        print(f"{usage['completion_tokens']} tokens in {elapsed:.2f}s: "
+              f"{usage['completion_tokens'] / elapsed:.1f} tok/s end to end over HTTP, 2 ranks")
+    finally:
+        stop_group(proc)
+    print("demo done: server stopped", file=sys.stderr)
+    return 0
 
 
 def cmd_synth(args, rest):
@@ -68,6 +146,15 @@ def main(argv=None):
     d = sub.add_parser("demo", help="synthesize a small MoE model and generate on two local ranks (no network)")
     d.add_argument("--max-tokens", type=int, default=32)
     d.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("serve", help="start the cluster and an OpenAI-compatible HTTP endpoint on rank 0")
+    s.add_argument("--model", required=True, help="Hugging Face repo id or local mlx-lm checkpoint directory")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind the HTTP server (default: 127.0.0.1)")
+    s.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000)")
+    s.add_argument("--max-context", type=int, default=None,
+                   help="longest prompt + completion in tokens (default: the model's max_position_embeddings)")
+    _add_cluster_args(s)
+    s.set_defaults(func=cmd_serve)
 
     g = sub.add_parser("generate", help="one-shot generation on a cluster, streamed to the terminal")
     g.add_argument("--model", required=True, help="Hugging Face repo id or local mlx-lm checkpoint directory")

@@ -74,6 +74,14 @@ def files_for(path: Path, plan: ShardingPlan):
     return sorted(needed)
 
 
+def _share(plan: ShardingPlan) -> str:
+    if plan.strategy == "expert":
+        lo, hi = plan.local_range(plan.moe_layers[0])
+        return f"experts {lo}-{hi - 1} of {plan.moe_layers[0].num_experts} in {len(plan.moe_layers)} MoE layers"
+    lo, hi = plan.layers[0].ranges[plan.rank]
+    return f"layers {lo}-{hi - 1} of {len(plan.layers)}"
+
+
 def param_bytes(model: nn.Module) -> int:
     return sum(p.nbytes for _, p in tree_flatten(model.parameters()))
 
@@ -129,11 +137,20 @@ def load_sharded(
     # Build the model lazily: nothing is read until a parameter is evaluated.
     model, config = load_model(path, lazy=True, strict=strict)
     plan = make_plan(model, group, strategy, **options)
-    log(f"[rank {rank}/{size}] plan: {plan.strategy} ({plan.reason})")
+    log(f"[rank {rank}/{size}] plan: {plan.strategy} ({plan.reason}); this rank holds {_share(plan)}")
 
     ckpt = Checkpoint(path)
+    moe_paths = [l.path for l in plan.moe_layers]
+    done = set()
 
     def read_rows(name, array, lo, hi):
+        # Progress about every quarter of the MoE layers.
+        layer = next((p for p in moe_paths if name.startswith(p + ".")), None)
+        if layer not in done:
+            done.add(layer)
+            if len(done) % max(1, len(moe_paths) // 4) == 0 or len(done) == len(moe_paths):
+                log(f"[rank {rank}/{size}] reading experts {lo}-{hi - 1}: MoE layer {len(done)}/"
+                    f"{len(moe_paths)}, {ckpt.bytes_read / 2**20:.1f} MiB read")
         rows = ckpt.read_rows(name, array, lo, hi)
         # A tensor that sanitize renamed or rebuilt is read whole, then copied.
         return rows if rows is not None else copy_rows(name, array, lo, hi)

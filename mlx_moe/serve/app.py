@@ -1,0 +1,212 @@
+"""The OpenAI-compatible HTTP API (rank 0): validation, queueing jobs to the
+engine, plain and streamed (SSE) responses."""
+
+import asyncio
+import json
+import time
+import uuid
+from pathlib import Path
+from typing import List, Literal, Optional, Union
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .engine import Engine, Job
+
+DEFAULT_MAX_TOKENS = 512
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
+                 param: Optional[str] = None, code: Optional[str] = None):
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+
+def error_body(message, type="invalid_request_error", param=None, code=None) -> dict:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: StrictStr
+
+
+class Message(BaseModel):
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: Union[StrictStr, List[TextPart]]
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class StreamOptions(BaseModel):
+    include_usage: StrictBool = False
+
+
+class Sampling(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: StrictStr
+    max_tokens: Optional[StrictInt] = Field(None, gt=0)
+    max_completion_tokens: Optional[StrictInt] = Field(None, gt=0)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    seed: Optional[StrictInt] = None
+    stop: Optional[Union[StrictStr, List[StrictStr]]] = None
+    stream: StrictBool = False
+    stream_options: Optional[StreamOptions] = None
+    n: StrictInt = Field(1, ge=1, le=1)
+
+
+class ChatRequest(Sampling):
+    messages: List[Message] = Field(min_length=1)
+
+
+class CompletionRequest(Sampling):
+    prompt: StrictStr
+
+
+def encode(tokenizer, prompt: str) -> List[int]:
+    # The rule mlx_lm.stream_generate applies to a string prompt, so a
+    # served prompt is tokenized exactly as a local generate would.
+    add_special = tokenizer.bos_token is None or not prompt.startswith(tokenizer.bos_token)
+    return list(tokenizer.encode(prompt, add_special_tokens=add_special))
+
+
+def create_app(engine: Engine, model_id: str, context_length: int, plan_text: str = "") -> FastAPI:
+    app = FastAPI(title="mlx-moe", description="OpenAI-compatible API of an mlx-moe cluster")
+    tokenizer = engine.tokenizer
+    names = {model_id, Path(model_id).name}
+    created = int(time.time())
+
+    @app.exception_handler(APIError)
+    async def _api_error(request, e: APIError):
+        return JSONResponse(error_body(e.message, e.type, e.param, e.code), status_code=e.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request, e: RequestValidationError):
+        err = e.errors()[0]
+        loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+        param = ".".join(loc) or None
+        message = err.get("msg", "invalid request")
+        if err.get("type") == "json_invalid":
+            message, param = "The request body is not valid JSON.", None
+        elif param:
+            message = f"{param}: {message}"
+        return JSONResponse(error_body(message, param=param, code=err.get("type")), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request, e: StarletteHTTPException):
+        return JSONResponse(error_body(str(e.detail)), status_code=e.status_code)
+
+    @app.get("/health")
+    async def health():
+        if not engine.ready.is_set():
+            return JSONResponse({"status": "loading"}, status_code=503)
+        return {"status": "ok", "ranks": engine.group.size()}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [
+            {"id": model_id, "object": "model", "created": created, "owned_by": "mlx-moe"}]}
+
+    @app.get("/v1/plan")
+    async def plan():
+        return {"plan": plan_text}
+
+    def prepare(req: Sampling, prompt: List[int]) -> Job:
+        if req.model not in names:
+            raise APIError(404, f"The model {req.model!r} does not exist; this server serves {model_id!r}.",
+                           param="model", code="model_not_found")
+        room = context_length - len(prompt)
+        if room <= 0:
+            raise APIError(400, f"The prompt is {len(prompt)} tokens; the context is {context_length}.",
+                           param="messages" if isinstance(req, ChatRequest) else "prompt",
+                           code="context_length_exceeded")
+        max_tokens = req.max_completion_tokens or req.max_tokens or DEFAULT_MAX_TOKENS
+        stop = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
+        return Job(prompt=prompt, max_tokens=min(max_tokens, room), temperature=req.temperature,
+                   top_p=req.top_p, seed=req.seed, stop=stop)
+
+    async def run(job: Job):
+        """Submit the job and yield its events as they come."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        job.emit = lambda event: loop.call_soon_threadsafe(events.put_nowait, event)
+        engine.submit(job)
+        while True:
+            event = await events.get()
+            yield event
+            if event[0] in ("done", "error"):
+                return
+
+    def respond(req: Sampling, job: Job, kind: str):
+        rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+        obj = "chat.completion" if kind == "chat" else "text_completion"
+        now = int(time.time())
+
+        def choice(text, finish, streaming):
+            if kind == "text":
+                return {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+            key = "delta" if streaming else "message"
+            body = {"content": text} if streaming else {"role": "assistant", "content": text}
+            return {"index": 0, key: body, "finish_reason": finish}
+
+        if not req.stream:
+            async def whole():
+                text = []
+                async for event in run(job):
+                    if event[0] == "text":
+                        text.append(event[1])
+                    elif event[0] == "error":
+                        raise APIError(500, event[1], type="server_error")
+                    else:
+                        usage = {k: v for k, v in event[2].items() if k.endswith("tokens")}
+                        return {"id": rid, "object": obj, "created": now, "model": req.model,
+                                "choices": [choice("".join(text), event[1], False)], "usage": usage}
+            return whole()
+
+        chunk_obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+        async def sse():
+            def chunk(choices, **extra):
+                data = {"id": rid, "object": chunk_obj, "created": now, "model": req.model,
+                        "choices": choices, **extra}
+                return f"data: {json.dumps(data)}\n\n"
+
+            if kind == "chat":
+                yield chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+            async for event in run(job):
+                if event[0] == "text":
+                    yield chunk([choice(event[1], None, True)])
+                elif event[0] == "error":
+                    yield f"data: {json.dumps(error_body(event[1], type='server_error'))}\n\n"
+                    break
+                else:
+                    empty = {"index": 0, "delta": {}, "finish_reason": event[1]} if kind == "chat" else \
+                        choice("", event[1], True)
+                    yield chunk([empty])
+                    if include_usage:
+                        usage = {k: v for k, v in event[2].items() if k.endswith("tokens")}
+                        yield chunk([], usage=usage)
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(sse(), media_type="text/event-stream")
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: ChatRequest):
+        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        ids = encode(tokenizer, prompt) if isinstance(prompt, str) else list(prompt)
+        out = respond(req, prepare(req, ids), "chat")
+        return await out if not req.stream else out
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest):
+        out = respond(req, prepare(req, encode(tokenizer, req.prompt)), "text")
+        return await out if not req.stream else out
+
+    return app
