@@ -18,6 +18,7 @@ import math
 import os
 
 import mlx.core as mx
+from mlx_lm.generate import generation_stream
 
 DEFAULT_MAX_COLLECTIVE_BYTES = 512 * 1024
 
@@ -111,8 +112,19 @@ def broadcast(x: mx.array, src: int, group: mx.distributed.Group) -> mx.array:
     return all_sum(x, group)
 
 
-def barrier(group: mx.distributed.Group) -> None:
-    """Wait for every rank. Synchronize first: a step still in flight on
-    another stream could otherwise pair its collective with this one."""
+def settle() -> None:
+    """Wait for all queued work, mlx-lm's generation stream included.
+
+    generate_step queues the next step before it yields, so when a
+    generation ends a forward pass (with its collectives) may still be in
+    flight there; a control collective issued on another stream meanwhile
+    could pair with one of its all_sums on another rank. `mx.synchronize()`
+    alone waits only for the default stream."""
+    mx.synchronize(generation_stream)
     mx.synchronize()
+
+
+def barrier(group: mx.distributed.Group) -> None:
+    """Wait for every rank, after settling in-flight work."""
+    settle()
     mx.eval(mx.distributed.all_sum(mx.array(1.0), group=group, stream=mx.cpu))

@@ -43,9 +43,8 @@ class Job:
 
 def broadcast_json(obj, group) -> dict:
     """Rank 0's `obj` on every rank (others pass None)."""
-    # Work of the last generation may still be in flight on another stream;
-    # settle it so these collectives pair with the same ones on every rank.
-    mx.synchronize()
+    # The last generation's queued step must finish before these collectives.
+    comm.settle()
     data = np.frombuffer(json.dumps(obj).encode(), dtype=np.uint8) if obj is not None else None
     n = comm.all_sum(mx.array([len(data) if data is not None else 0], dtype=mx.int32), group)
     n = int(n.item())
