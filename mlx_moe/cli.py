@@ -164,10 +164,16 @@ def main(argv=None):
     g.set_defaults(func=cmd_generate)
 
     sub.add_parser("synth", help="write a small synthetic checkpoint (see mlx-moe synth --help)", add_help=False)
+    sub.add_parser("bench", help="compare expert parallel with mlx-lm tensor/pipeline parallel and one process "
+                                 "(see mlx-moe bench --help)", add_help=False)
 
     args, rest = parser.parse_known_args(argv)
     if args.command == "synth":
         return cmd_synth(args, rest)
+    if args.command == "bench":
+        from .bench import main as bench_main
+
+        return bench_main(rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     return args.func(args)
