@@ -72,9 +72,12 @@ def run_rank(mode: str, path: str, args) -> dict:
     from mlx_lm.generate import generate_step
 
     from . import comm
+    from .cores import pin_local_rank
 
     counter = _Counter()
     group = mx.distributed.init()
+    # Every parallel mode gets the cores mlx-moe gives its own ranks.
+    pin_local_rank(group.rank())
     mx.reset_peak_memory()
     model = _load(mode, path, group)
     mx.eval(model.parameters())

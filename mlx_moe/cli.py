@@ -3,6 +3,8 @@
 import argparse
 import json
 import os
+import re
+import secrets
 import signal
 import subprocess
 import sys
@@ -11,7 +13,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from .launch import free_port, launch_command, stop_group, wait_ready
+from .launch import free_port, launch_command, normalize_hosts, stop_group, wait_ready
 
 DEMO_DIR = Path(os.environ.get("MLX_MOE_HOME", Path.home() / ".cache" / "mlx-moe")) / "demo-qwen3-moe-4bit"
 
@@ -38,26 +40,66 @@ def _signal_group(proc, sig):
         pass
 
 
-def _launch(args, argv):
-    """Run the ranks until they finish; Ctrl-C or SIGTERM stops every rank."""
+_RANK_EXIT = re.compile(r"Node with rank (\d+) (was killed|exited with code (-?\d+))")
+
+
+def _describe_exit(match) -> str:
+    rank, code = match.group(1), match.group(3)
+    if code is None:
+        return f"rank {rank} was killed"
+    code = int(code)
+    if code < 0:
+        try:
+            return f"rank {rank} was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            pass
+    return f"rank {rank} exited with code {code}"
+
+
+def _launch(args, argv, notify=None):
+    """Run the ranks until they finish; Ctrl-C or SIGTERM stops every rank.
+
+    mlx.launch stops the other ranks when one exits but itself exits 0, so
+    its log is read here to tell a failed rank from a clean stop, and
+    `notify(reason)` passes the reason on (to rank 0, for its clients)."""
     cmd = launch_command(argv, hosts=args.hosts.split(","), backend=args.backend,
-                         hostfile=args.hostfile, python=args.python)
+                         hostfile=args.hostfile, python=args.python, env=getattr(args, "rank_env", ()))
     # Its own session, so stopping it reaches every rank (and ssh client) it started.
-    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, start_new_session=True)
-    stopping = []
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    stopping, failures = [], []
+
+    def kill_later(seconds):
+        # A stopped (SIGSTOP) rank ignores SIGTERM, and mlx.launch waits for it.
+        timer = threading.Timer(seconds, _signal_group, (proc, signal.SIGKILL))
+        timer.daemon = True
+        timer.start()
+
+    def read_log():
+        for raw in proc.stderr:
+            line = raw.decode(errors="replace")
+            sys.stderr.write(line)
+            sys.stderr.flush()
+            m = _RANK_EXIT.search(line)
+            if m and not stopping and not failures:
+                failures.append(_describe_exit(m))
+                if notify:
+                    notify(failures[0])
+                kill_later(20)
+
+    reader = threading.Thread(target=read_log, daemon=True)
+    reader.start()
 
     def on_signal(signum, frame):
         # Only signal here: the main thread is inside proc.wait() and holds
         # its lock, so waiting in the handler would deadlock.
         stopping.append(signum)
         _signal_group(proc, signal.SIGTERM)
-        timer = threading.Timer(10, _signal_group, (proc, signal.SIGKILL))
-        timer.daemon = True
-        timer.start()
+        kill_later(10)
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         rc = proc.wait()
+        reader.join(5)
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
@@ -65,8 +107,11 @@ def _launch(args, argv):
     if stopping:
         print("mlx-moe: stopped every rank", file=sys.stderr)
         return 0
+    if failures:
+        print(f"mlx-moe: {failures[0]}; every rank was stopped", file=sys.stderr)
+        return 1
     if rc != 0:
-        print(f"mlx-moe: a rank failed (mlx.launch exit code {rc}); every rank was stopped", file=sys.stderr)
+        print(f"mlx-moe: mlx.launch exited with code {rc}; every rank was stopped", file=sys.stderr)
     return rc
 
 
@@ -75,13 +120,31 @@ def _serve_argv(args):
             "--port", str(args.port), "--strategy", args.strategy]
     if args.max_collective_bytes:
         argv += ["--max-collective-bytes", str(args.max_collective_bytes)]
-    if getattr(args, "max_context", None):
-        argv += ["--max-context", str(args.max_context)]
+    for flag in ("max_context", "watchdog_timeout", "max_body_bytes"):
+        if getattr(args, flag, None):
+            argv += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
     return argv
 
 
 def cmd_serve(args):
-    return _launch(args, _serve_argv(args))
+    token = secrets.token_hex(16)
+    args.rank_env = [f"MLX_MOE_CONTROL_TOKEN={token}"]
+    if args.api_key:
+        args.rank_env.append(f"MLX_MOE_API_KEY={args.api_key}")
+    rank0 = normalize_hosts([args.hosts.split(",")[0]])[0] if not args.hostfile else "127.0.0.1"
+    target = "127.0.0.1" if args.host in ("0.0.0.0", "127.0.0.1") else args.host
+    url = f"http://{target if rank0 == '127.0.0.1' else rank0}:{args.port}/internal/failure"
+
+    def notify(reason):
+        # Best effort: rank 0 names the failed rank in its errors if this arrives.
+        try:
+            req = urllib.request.Request(url, json.dumps({"reason": reason}).encode(),
+                                         {"Content-Type": "application/json", "X-MLX-MOE-Control": token})
+            urllib.request.urlopen(req, timeout=2).close()
+        except OSError:
+            pass
+
+    return _launch(args, _serve_argv(args), notify)
 
 
 def cmd_generate(args):
@@ -153,6 +216,13 @@ def main(argv=None):
     s.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000)")
     s.add_argument("--max-context", type=int, default=None,
                    help="longest prompt + completion in tokens (default: the model's max_position_embeddings)")
+    s.add_argument("--api-key", default=os.environ.get("MLX_MOE_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on every endpoint but /health "
+                        "(default: $MLX_MOE_API_KEY, else no key)")
+    s.add_argument("--watchdog-timeout", type=float, default=60.0,
+                   help="stop the cluster when it makes no progress for this many seconds (default: 60)")
+    s.add_argument("--max-body-bytes", type=int, default=None,
+                   help="largest request body accepted (default: 4 MiB)")
     _add_cluster_args(s)
     s.set_defaults(func=cmd_serve)
 

@@ -1,6 +1,7 @@
 """load_sharded: resolve the checkpoint -> lazy model -> plan -> apply ->
 read this rank's weights."""
 
+import hashlib
 import json
 import os
 import re
@@ -11,11 +12,13 @@ from typing import Optional, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx.utils import tree_flatten
 from mlx_lm.utils import load_model, load_tokenizer
 
 from . import comm
 from .checkpoint import Checkpoint
+from .cores import pin_local_rank
 from .expert import copy_rows
 from .plan import ShardingPlan, get_strategy, plan as make_plan
 
@@ -74,6 +77,32 @@ def files_for(path: Path, plan: ShardingPlan):
     return sorted(needed)
 
 
+def fingerprint(path: Path) -> bytes:
+    """What must agree across ranks: the config and every tensor's name,
+    dtype, shape and size in the safetensors headers."""
+    tensors = sorted((k, m["dtype"], m["shape"], m["data_offsets"][1] - m["data_offsets"][0])
+                     for k, (_, _, m) in Checkpoint(path).tensors.items())
+    config = json.loads((path / "config.json").read_text())
+    return hashlib.sha256(json.dumps([config, tensors], sort_keys=True).encode()).digest()
+
+
+def check_same_checkpoint(path: Path, group) -> None:
+    """Every rank compares its checkpoint with every other's before serving;
+    a mismatch fails on every rank with the ranks that differ. Doubles as
+    the barrier that ends loading."""
+    comm.settle()
+    mine = mx.array(list(fingerprint(path)), dtype=mx.uint8)
+    everyone = mx.distributed.all_gather(mine[None], group=group)
+    mx.eval(everyone)
+    digests = [bytes(row) for row in np.array(everyone)]
+    odd = [r for r, d in enumerate(digests) if d != digests[0]]
+    if odd:
+        raise RuntimeError(
+            f"rank(s) {odd} loaded a different checkpoint than rank 0 (config or tensor "
+            f"headers differ; rank {group.rank()} read {path}). Give every host the same "
+            "checkpoint files.")
+
+
 def _share(plan: ShardingPlan) -> str:
     if plan.strategy == "expert":
         lo, hi = plan.local_range(plan.moe_layers[0])
@@ -115,6 +144,8 @@ def load_sharded(
     if max_collective_bytes is not None:
         comm.set_max_message_bytes(max_collective_bytes)
     options = dict(expert_weights=expert_weights, layer_weights=layer_weights)
+    if size > 1:
+        pin_local_rank(rank)
     t0 = time.perf_counter()
 
     path = local_checkpoint(model_id)
@@ -161,7 +192,7 @@ def load_sharded(
     if "experts_local" in plan.param_bytes:
         plan.param_bytes["replicated"] = plan.param_bytes["total"] - plan.param_bytes["experts_local"]
     model.sharding_plan = plan
-    comm.barrier(group)
+    check_same_checkpoint(path, group)
     log(
         f"[rank {rank}/{size}] loaded in {time.perf_counter() - t0:.1f}s: "
         f"{plan.param_bytes['total'] / 2**20:.1f} MiB of parameters"

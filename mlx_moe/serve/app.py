@@ -75,9 +75,64 @@ def encode(tokenizer, prompt: str) -> List[int]:
     return list(tokenizer.encode(prompt, add_special_tokens=add_special))
 
 
-def create_app(engine: Engine, model_id: str, context_length: int, plan_text: str = "") -> FastAPI:
+DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over `limit` bytes gets 413 before
+    it is read into memory (by Content-Length, or while streaming)."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            return await self._reject(send)
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise _TooLarge()
+            return message
+
+        try:
+            await self.app(scope, limited, send)
+        except _TooLarge:
+            await self._reject(send)
+
+    async def _reject(self, send):
+        body = json.dumps(error_body(f"The request body is larger than {self.limit} bytes.",
+                                     code="request_too_large")).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": body})
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def create_app(engine: Engine, model_id: str, context_length: int, plan_text: str = "",
+               api_key: Optional[str] = None, control_token: Optional[str] = None,
+               max_body_bytes: Optional[int] = None) -> FastAPI:
     app = FastAPI(title="mlx-moe", description="OpenAI-compatible API of an mlx-moe cluster")
+    app.add_middleware(BodyLimit, limit=max_body_bytes or DEFAULT_MAX_BODY_BYTES)
     tokenizer = engine.tokenizer
+
+    @app.middleware("http")
+    async def _auth(request: Request, call_next):
+        open_paths = ("/health", "/internal/failure")
+        if api_key and request.url.path not in open_paths:
+            if request.headers.get("authorization", "") != f"Bearer {api_key}":
+                return JSONResponse(error_body("Missing or wrong API key (Authorization: Bearer ...).",
+                                               code="invalid_api_key"), status_code=401)
+        return await call_next(request)
     names = {model_id, Path(model_id).name}
     created = int(time.time())
 
@@ -103,9 +158,23 @@ def create_app(engine: Engine, model_id: str, context_length: int, plan_text: st
 
     @app.get("/health")
     async def health():
+        if engine.failure:
+            return JSONResponse({"status": "failed", "reason": engine.failure}, status_code=503)
         if not engine.ready.is_set():
             return JSONResponse({"status": "loading"}, status_code=503)
+        stalled = engine.stalled_for()
+        if stalled > max(2 * engine.heartbeat, 10):
+            return JSONResponse({"status": "stalled", "seconds": round(stalled)}, status_code=503)
         return {"status": "ok", "ranks": engine.group.size()}
+
+    @app.post("/internal/failure", include_in_schema=False)
+    async def failure(request: Request):
+        # The launcher says which rank exited, so errors can name it.
+        if not control_token or request.headers.get("x-mlx-moe-control") != control_token:
+            raise APIError(403, "Not allowed.", code="forbidden")
+        engine.notice = str((await request.json()).get("reason", ""))[:500]
+        engine.noticed.set()
+        return {"ok": True}
 
     @app.get("/v1/models")
     async def models():
@@ -135,12 +204,21 @@ def create_app(engine: Engine, model_id: str, context_length: int, plan_text: st
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         job.emit = lambda event: loop.call_soon_threadsafe(events.put_nowait, event)
-        engine.submit(job)
-        while True:
-            event = await events.get()
-            yield event
-            if event[0] in ("done", "error"):
-                return
+        engine.open_responses += 1
+        counted = True
+        try:
+            engine.submit(job)
+            while True:
+                event = await events.get()
+                if event[0] in ("done", "error"):
+                    engine.open_responses -= 1
+                    counted = False
+                    yield event
+                    return
+                yield event
+        finally:
+            if counted:
+                engine.open_responses -= 1
 
     def respond(req: Sampling, job: Job, kind: str):
         rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
@@ -161,7 +239,7 @@ def create_app(engine: Engine, model_id: str, context_length: int, plan_text: st
                     if event[0] == "text":
                         text.append(event[1])
                     elif event[0] == "error":
-                        raise APIError(500, event[1], type="server_error")
+                        raise APIError(503 if engine.failure else 500, event[1], type="server_error")
                     else:
                         usage = {k: v for k, v in event[2].items() if k.endswith("tokens")}
                         return {"id": rid, "object": obj, "created": now, "model": req.model,

@@ -9,9 +9,11 @@ rules, so they finish on the same token without a per-token message.
 """
 
 import json
+import os
 import queue
 import random
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional
 
@@ -21,6 +23,7 @@ from mlx_lm import stream_generate
 from mlx_lm.sample_utils import make_sampler
 
 from .. import comm
+from ..loader import log
 
 
 @dataclass
@@ -84,38 +87,113 @@ class StopMatcher:
         return out
 
 
+NOTICE_WAIT = 3.0
+
+
+def lost_peer(e: Exception) -> bool:
+    """A collective failed because a peer went away (not a bad request)."""
+    text = str(e)
+    return isinstance(e, RuntimeError) and any(w in text for w in ("[ring]", "[jaccl]", "peer"))
+
+
 class Engine:
-    def __init__(self, model, tokenizer, group):
+    """Runs on every rank. Rank 0 takes jobs from `submit` and broadcasts
+    each; when idle it broadcasts a ping every `heartbeat` seconds so every
+    rank keeps seeing the cluster alive. A watchdog stops the process when
+    the cluster makes no progress for `watchdog` seconds while this rank is
+    waiting on it (a stalled or lost rank), instead of spinning forever."""
+
+    def __init__(self, model, tokenizer, group, heartbeat: float = 5.0, watchdog: float = 60.0):
         self.model, self.tokenizer, self.group = model, tokenizer, group
         self.rank = group.rank()
         self.jobs: "queue.Queue[Optional[Job]]" = queue.Queue()
         self.ready = threading.Event()
-        self.busy = False
+        self.heartbeat, self.watchdog = heartbeat, watchdog
+        self.current: Optional[Job] = None
+        self.open_responses = 0  # HTTP responses still being written (rank 0)
+        self.failure: Optional[str] = None  # set once the cluster is lost
+        self.notice: Optional[str] = None  # why, when the launcher knows (a rank exited)
+        self.noticed = threading.Event()
+        self.on_failure = lambda reason: os._exit(3)
+        self._progress = time.monotonic()
+        self._waiting = False  # inside a collective or a generation
 
     def submit(self, job: Job) -> None:
+        if self.failure:
+            job.emit(("error", self.failure))
+            return
         self.jobs.put(job)
 
     def shutdown(self) -> None:
         self.jobs.put(None)
 
+    def fail(self, reason: str) -> None:
+        """The cluster is lost: end the job in flight with `reason`, refuse
+        new ones, and let `on_failure` stop this rank."""
+        if self.failure:
+            return
+        self.failure = reason
+        log(f"[rank {self.rank}] {reason}")
+        job = self.current
+        if job is not None:
+            job.emit(("error", reason))
+        while not self.jobs.empty():
+            pending = self.jobs.get_nowait()
+            if pending is not None:
+                pending.emit(("error", reason))
+        self.on_failure(reason)
+
+    def fail_with_notice(self, reason: str) -> None:
+        """Fail, naming the failed rank if the launcher says which within
+        NOTICE_WAIT seconds (it reads mlx.launch's log)."""
+        self.noticed.wait(NOTICE_WAIT)
+        self.fail(self.notice or reason)
+
+    def stalled_for(self) -> float:
+        """Seconds this rank has waited on the cluster without progress."""
+        return time.monotonic() - self._progress if self._waiting else 0.0
+
+    def _tick(self, *_) -> None:
+        self._progress = time.monotonic()
+
+    def _watch(self) -> None:
+        while self.failure is None:
+            time.sleep(min(1.0, self.watchdog / 4))
+            stalled = time.monotonic() - self._progress
+            if self._waiting and stalled > self.watchdog:
+                self.fail(f"no progress from the cluster for {stalled:.0f} s: "
+                          "a rank is stalled or unreachable; stopping")
+
     def run(self) -> None:
         """The loop every rank runs until rank 0 says stop."""
+        threading.Thread(target=self._watch, daemon=True, name="watchdog").start()
         self.ready.set()
         while True:
-            job = self.jobs.get() if self.rank == 0 else None
-            spec = broadcast_json(
-                (job.spec() if job else {"op": "shutdown"}) if self.rank == 0 else None, self.group
-            )
+            job = spec = None
+            if self.rank == 0:
+                try:
+                    job = self.jobs.get(timeout=self.heartbeat)
+                    spec = job.spec() if job else {"op": "shutdown"}
+                except queue.Empty:
+                    spec = {"op": "ping"}
+            self._tick()
+            self._waiting = True
+            spec = broadcast_json(spec, self.group)
+            self._tick()
             if spec["op"] == "shutdown":
                 return
-            self.busy = True
-            try:
-                self._generate(spec, job)
-            except Exception as e:  # the same input fails the same way on every rank
-                if job is not None:
-                    job.emit(("error", f"{type(e).__name__}: {e}"))
-            finally:
-                self.busy = False
+            if spec["op"] == "generate":
+                self.current = job
+                try:
+                    self._generate(spec, job)
+                except Exception as e:
+                    if lost_peer(e):
+                        self.fail_with_notice(f"lost the cluster ({e})")
+                    elif job is not None:  # the same input fails the same way on every rank
+                        job.emit(("error", f"{type(e).__name__}: {e}"))
+                self.current = None
+            # Other ranks keep waiting on rank 0; rank 0 now waits on its queue.
+            self._waiting = self.rank != 0
 
     def _generate(self, spec: dict, job: Optional[Job]) -> None:
         emit = job.emit if job is not None else (lambda event: None)
@@ -124,7 +202,9 @@ class Engine:
         stops = StopMatcher(spec["stop"])
         finish, last = "length", None
         for last in stream_generate(self.model, self.tokenizer, mx.array(spec["prompt"]),
-                                    max_tokens=spec["max_tokens"], sampler=sampler):
+                                    max_tokens=spec["max_tokens"], sampler=sampler,
+                                    prompt_progress_callback=self._tick):
+            self._tick()
             text, stopped = stops.feed(last.text)
             if text:
                 emit(("text", text))

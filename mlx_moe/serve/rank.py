@@ -1,14 +1,24 @@
 """The program each rank of `mlx-moe serve` runs: load the shard, then
-follow the engine loop; rank 0 also serves HTTP."""
+follow the engine loop; rank 0 also serves HTTP.
+
+The engine runs in a thread so the main thread stays free for signals: when
+mlx.launch stops the cluster (a rank exited) or the user does, rank 0 first
+ends the requests in flight with an error that says why."""
 
 import argparse
+import os
+import signal
 import sys
 import threading
+import time
+import traceback
 
 import mlx.core as mx
 
 from ..loader import load_sharded, log
-from .engine import Engine
+from .engine import Engine, lost_peer
+
+FLUSH_WAIT = 5.0  # seconds it gives open responses to deliver their error
 
 
 def context_length(model, override=None) -> int:
@@ -18,7 +28,30 @@ def context_length(model, override=None) -> int:
     return int(getattr(args, "max_position_embeddings", None) or 4096)
 
 
+def _stop_rank0(engine: Engine, code: int) -> None:
+    """Wait (bounded) for open responses to deliver the failure, then exit."""
+    deadline = time.monotonic() + FLUSH_WAIT
+    while engine.open_responses > 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)  # the last error chunk is on its way to the socket
+    os._exit(code)
+
+
 def main(argv=None):
+    try:
+        serve(argv)
+    except Exception as e:
+        if lost_peer(e):
+            # Another rank failed first; let the launcher see its exit first.
+            time.sleep(2)
+        traceback.print_exc()
+        sys.stderr.flush()
+        # Skip interpreter teardown: MLX's communication threads can keep a
+        # failed rank alive, and the others must see it go now.
+        os._exit(1)
+
+
+def serve(argv=None):
     p = argparse.ArgumentParser(prog="python -m mlx_moe.serve.rank")
     p.add_argument("--model", required=True)
     p.add_argument("--host", default="127.0.0.1")
@@ -26,12 +59,15 @@ def main(argv=None):
     p.add_argument("--strategy", default="auto")
     p.add_argument("--max-collective-bytes", type=int, default=None)
     p.add_argument("--max-context", type=int, default=None)
+    p.add_argument("--watchdog-timeout", type=float, default=60.0)
+    p.add_argument("--heartbeat", type=float, default=5.0)
+    p.add_argument("--max-body-bytes", type=int, default=None)
     args = p.parse_args(argv)
 
     group = mx.distributed.init()
     model, tokenizer = load_sharded(args.model, group, args.strategy,
                                     max_collective_bytes=args.max_collective_bytes)
-    engine = Engine(model, tokenizer, group)
+    engine = Engine(model, tokenizer, group, heartbeat=args.heartbeat, watchdog=args.watchdog_timeout)
     if group.rank() == 0:
         import uvicorn
 
@@ -39,11 +75,26 @@ def main(argv=None):
 
         plan = str(model.sharding_plan)
         print(plan, file=sys.stderr, flush=True)
-        app = create_app(engine, args.model, context_length(model, args.max_context), plan)
+        app = create_app(engine, args.model, context_length(model, args.max_context), plan,
+                         api_key=os.environ.get("MLX_MOE_API_KEY"),
+                         control_token=os.environ.get("MLX_MOE_CONTROL_TOKEN"),
+                         max_body_bytes=args.max_body_bytes)
         server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning"))
-        threading.Thread(target=server.run, daemon=True).start()
+        threading.Thread(target=server.run, daemon=True, name="http").start()
+        engine.on_failure = lambda reason: _stop_rank0(engine, 3)
+
+        def on_term(signum, frame):
+            # mlx.launch stops the survivors when a rank exits: end the
+            # requests in flight first, naming the rank if the launcher can.
+            engine.on_failure = lambda reason: _stop_rank0(engine, 128 + signum)
+            engine.fail_with_notice("the cluster is stopping (a rank exited or a stop was requested)")
+
+        signal.signal(signal.SIGTERM, on_term)
         log(f"[rank 0] serving {args.model} on http://{args.host}:{args.port}/v1 ({group.size()} ranks)")
-    engine.run()
+    worker = threading.Thread(target=engine.run, daemon=True, name="engine")
+    worker.start()
+    while worker.is_alive():
+        worker.join(0.5)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,175 @@
+"""Failed and stalled ranks, ranks that cannot load, and safe defaults:
+every case with real processes and a time bound."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import openai
+import pytest
+
+from mlx_moe.launch import free_port, stop_group, wait_ready
+from test_serve import _processes_with, _start
+
+WORKERS = Path(__file__).parent / "workers"
+
+
+@pytest.fixture(scope="module")
+def model_path(checkpoint):
+    return checkpoint("qwen3_moe", quantize=4)
+
+
+def _rank_pid(marker, rank):
+    """The pid of rank `rank` among the processes whose command line has `marker`."""
+    for pid in _processes_with(marker):
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"MLX_RANK={rank}".encode() in env and b"mlx_moe.serve.rank" in Path(f"/proc/{pid}/cmdline").read_bytes():
+            return pid
+    raise AssertionError(f"no rank {rank} process for {marker}")
+
+
+def _stream_until_error(url, model, started: threading.Event, max_tokens=100000):
+    """Stream a long completion; return (error message or None, seconds after `started`)."""
+    client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
+    t = None
+    try:
+        for chunk in client.completions.create(model=str(model), prompt="The river", max_tokens=max_tokens,
+                                               temperature=0, stream=True):
+            if not started.is_set():
+                started.set()
+                t = time.monotonic()
+        return None, 0
+    except (openai.APIError, openai.APIConnectionError) as e:
+        return str(e), time.monotonic() - (t or time.monotonic())
+
+
+def _serve(model_path, *extra):
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlx_moe.cli", "serve", "--hosts", "127.0.0.1,127.0.0.1",
+         "--model", str(model_path), "--port", str(port), "--max-context", "100000", *extra],
+        stdin=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return proc, port, f"http://127.0.0.1:{port}"
+
+
+def _finish(proc, timeout):
+    """Exit code and stderr of the serve command, which must end within `timeout`."""
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        stop_group(proc)
+        raise AssertionError(f"mlx-moe serve still running after {timeout}s")
+    return proc.returncode, err
+
+
+@pytest.mark.parametrize("when", ["mid-generation", "idle"])
+def test_killed_rank_stops_the_cluster_with_a_message(model_path, when):
+    proc, port, url = _serve(model_path)
+    marker = f"--port {port}"
+    try:
+        wait_ready(url, proc)
+        started, result = threading.Event(), {}
+        if when == "mid-generation":
+            t = threading.Thread(target=lambda: result.update(r=_stream_until_error(url, model_path, started)))
+            t.start()
+            assert started.wait(60), "no token streamed"
+        os.kill(_rank_pid(marker, 1), signal.SIGKILL)
+        killed = time.monotonic()
+        if when == "mid-generation":
+            t.join(30)
+            assert not t.is_alive(), "the stream did not end within 30 s"
+            message, _ = result["r"]
+            assert message and "rank 1" in message, message
+        code, err = _finish(proc, 60)
+        assert time.monotonic() - killed < 60
+        assert code != 0 and "rank 1 was killed by SIGKILL" in err, err[-2000:]
+        with pytest.raises(urllib.error.URLError):
+            urllib.request.urlopen(url + "/health", timeout=5)
+        assert _processes_with(marker) == []
+    finally:
+        stop_group(proc)
+
+
+def test_stalled_rank_is_caught_by_the_watchdog(model_path):
+    proc, port, url = _serve(model_path, "--watchdog-timeout", "5")
+    marker = f"--port {port}"
+    try:
+        wait_ready(url, proc)
+        started, result = threading.Event(), {}
+        t = threading.Thread(target=lambda: result.update(r=_stream_until_error(url, model_path, started)))
+        t.start()
+        assert started.wait(60), "no token streamed"
+        os.kill(_rank_pid(marker, 1), signal.SIGSTOP)
+        stopped = time.monotonic()
+        t.join(40)
+        assert not t.is_alive(), "the stream did not end"
+        message, _ = result["r"]
+        assert message and "stalled" in message, message
+        code, err = _finish(proc, 60)
+        assert time.monotonic() - stopped < 60
+        assert code != 0 and "no progress from the cluster" in err, err[-2000:]
+        assert _processes_with(marker) == []
+    finally:
+        stop_group(proc)
+
+
+@pytest.mark.parametrize("other", ["missing", "different"])
+def test_rank_that_cannot_load_fails_every_rank_fast(model_path, checkpoint, other, tmp_path):
+    other_path = tmp_path / "nowhere" if other == "missing" else checkpoint("qwen3_moe", quantize=4, layers=3)
+    env = dict(os.environ, OTHER_CHECKPOINT=str(other_path), REAL_PYTHON=sys.executable)
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlx_moe.cli", "serve", "--hosts", "127.0.0.1,127.0.0.1", "--model", str(model_path),
+         "--port", str(port), "--python", str(WORKERS / "other_checkpoint_python.sh")],
+        stdin=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, env=env)
+    try:
+        code, err = _finish(proc, 60)
+        assert code != 0
+        if other == "missing":
+            assert "No checkpoint directory" in err and "rank 1 exited with code 1" in err, err[-2000:]
+        else:
+            assert "loaded a different checkpoint than rank 0" in err, err[-2000:]
+        assert _processes_with(f"--port {port}") == []
+    finally:
+        stop_group(proc)
+
+
+def test_api_key_and_body_limit(model_path):
+    port = free_port()
+    proc = _start(model_path, port, "--api-key", "s3cret", "--max-body-bytes", "4096")
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, proc)  # /health needs no key
+        body = json.dumps({"model": str(model_path), "prompt": "hi", "max_tokens": 2}).encode()
+
+        def post(data, key=None):
+            headers = {"Content-Type": "application/json"}
+            if key:
+                headers["Authorization"] = f"Bearer {key}"
+            req = urllib.request.Request(url + "/v1/completions", data, headers)
+            try:
+                with urllib.request.urlopen(req, timeout=60) as r:
+                    return r.status, json.load(r)
+            except urllib.error.HTTPError as e:
+                return e.code, json.load(e)
+
+        assert post(body)[0] == 401
+        assert post(body, "wrong")[1]["error"]["code"] == "invalid_api_key"
+        assert post(body, "s3cret")[0] == 200
+        big = json.dumps({"model": str(model_path), "prompt": "x" * 10000}).encode()
+        code, payload = post(big, "s3cret")
+        assert code == 413 and payload["error"]["code"] == "request_too_large"
+        client = openai.OpenAI(base_url=url + "/v1", api_key="s3cret", max_retries=0)
+        assert client.completions.create(model=str(model_path), prompt="hi", max_tokens=2).choices[0].text is not None
+    finally:
+        stop_group(proc)
