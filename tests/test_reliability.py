@@ -173,3 +173,27 @@ def test_api_key_and_body_limit(model_path):
         assert client.completions.create(model=str(model_path), prompt="hi", max_tokens=2).choices[0].text is not None
     finally:
         stop_group(proc)
+
+
+def test_32_streaming_clients_times_4_requests_all_answered(model_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("load_test", Path(__file__).parents[1] / "tools" / "load_test.py")
+    load_test = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(load_test)
+    import oracle
+
+    port = free_port()
+    proc = _start(model_path, port)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, proc)
+        r = load_test.run(url, str(model_path), clients=32, requests=4, max_tokens=4, timeout=600)
+        assert r["errors"] == []
+        assert sum(len(v) for v in r["answers"].values()) == 128
+        for prompt, texts in r["answers"].items():
+            assert texts == [oracle.greedy_text(model_path, prompt, 4)] * len(texts), prompt
+        with urllib.request.urlopen(url + "/health", timeout=10) as h:
+            assert h.status == 200
+    finally:
+        stop_group(proc)

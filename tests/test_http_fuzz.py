@@ -1,0 +1,79 @@
+"""Fuzzing the HTTP layer in one process: no request, however malformed,
+gets a 5xx, and the server stays healthy. The engine is a stand-in that
+answers at once, so only the HTTP layer is under test."""
+
+import json
+import threading
+
+import pytest
+from fastapi.testclient import TestClient
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from mlx_lm.utils import load_tokenizer
+
+from mlx_moe.serve.app import create_app
+
+MODEL = "tiny"
+
+
+class InstantEngine:
+    """Answers every job with one word, as the real engine would emit it."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.ready = threading.Event()
+        self.ready.set()
+        self.failure = None
+        self.heartbeat = 5.0
+        self.open_responses = 0
+        self.notice, self.noticed = None, threading.Event()
+        self.group = type("G", (), {"size": lambda self: 2})()
+
+    def stalled_for(self):
+        return 0.0
+
+    def submit(self, job):
+        job.emit(("text", "ok"))
+        job.emit(("done", "stop", {"prompt_tokens": len(job.prompt), "completion_tokens": 1,
+                                   "total_tokens": len(job.prompt) + 1}))
+
+
+@pytest.fixture(scope="module")
+def client(checkpoint):
+    tokenizer = load_tokenizer(checkpoint("qwen3_moe"))
+    return TestClient(create_app(InstantEngine(tokenizer), MODEL, context_length=256))
+
+
+scalars = st.one_of(st.none(), st.booleans(), st.integers(-2**40, 2**40), st.floats(allow_nan=False),
+                    st.text(max_size=20))
+values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=4),
+                                                       st.dictionaries(st.text(max_size=8), inner, max_size=4)),
+                      max_leaves=12)
+fields = ["model", "messages", "prompt", "max_tokens", "max_completion_tokens", "temperature", "top_p",
+          "seed", "stop", "stream", "stream_options", "n"]
+messages = st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant", "x"]),
+                                            "content": st.one_of(st.text(max_size=40), values)}), max_size=3)
+bodies = st.dictionaries(st.sampled_from(fields), st.one_of(values, messages, st.just(MODEL)), max_size=8)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(body=bodies, path=st.sampled_from(["/v1/chat/completions", "/v1/completions"]))
+def test_no_5xx_for_any_json_body(client, body, path):
+    r = client.post(path, content=json.dumps(body))
+    assert r.status_code < 500, (body, r.text)
+    if r.status_code >= 400:
+        assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(raw=st.binary(max_size=200), path=st.sampled_from(["/v1/chat/completions", "/v1/completions", "/v1/models",
+                                                          "/nope"]))
+def test_no_5xx_for_any_bytes(client, raw, path):
+    r = client.post(path, content=raw, headers={"content-type": "application/json"})
+    assert r.status_code < 500, (raw, r.text)
+
+
+def test_healthy_after_fuzzing(client):
+    assert client.get("/health").status_code == 200
+    r = client.post("/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 2})
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == "ok"
