@@ -2,6 +2,7 @@
 several Apple-silicon Macs, built on mlx-lm."""
 
 from . import expert, pipeline  # register the strategies; auto tries them in this order
+from . import architectures  # block handlers, tried before the generic one
 from .comm import comm_stats, reset_comm_stats
 from .loader import load_sharded
 from .plan import PlanError, ShardingPlan, plan

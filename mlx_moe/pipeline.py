@@ -14,7 +14,15 @@ import mlx.nn as nn
 
 from . import comm
 from .expert import find_moe_blocks
-from .plan import LayerPlan, PlanError, ShardingPlan, Strategy, register, split_evenly
+from .plan import (
+    LayerPlan,
+    PlanError,
+    ShardingPlan,
+    Strategy,
+    layers_path,
+    register,
+    split_evenly,
+)
 
 
 class Skipped(nn.Module):
@@ -68,18 +76,6 @@ class Stage(nn.Module):
         if self.broadcast_from is not None:
             x = comm.broadcast(x, self.broadcast_from, self.group)
         return x
-
-
-def layers_path(model: nn.Module) -> str:
-    """The path of the decoder layer list (e.g. "model.layers")."""
-    layers = getattr(model, "layers", None)
-    if not layers:
-        raise PlanError(f"{type(model).__name__} exposes no decoder layer list (model.layers)")
-    first = next((l for l in layers if l is not None), None)
-    for path, m in model.named_modules():
-        if m is first and path.rsplit(".", 1)[-1].isdigit():
-            return path.rsplit(".", 1)[0]
-    raise PlanError("could not find where the decoder layers live in the model")
 
 
 def _layer_list(model: nn.Module):

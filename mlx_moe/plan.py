@@ -6,7 +6,6 @@ change), `apply` rewrites the model in place to follow the plan. `plan()`
 picks the strategy; adding one is a `register()` call, not another branch.
 """
 
-import re
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -27,7 +26,9 @@ class LayerPlan:
     num_experts: int = 0
     top_k: Optional[int] = None
     shared: Tuple[str, ...] = ()  # child names of shared experts in the block
-    shared_rank: Optional[int] = None  # the rank that computes the shared experts
+    # The rank that adds what must be counted once: the shared experts and
+    # any other term a block adds outside its experts (identity experts, biases).
+    shared_rank: Optional[int] = None
     ranges: List[Tuple[int, int]] = field(default_factory=list)  # experts [lo, hi) per rank
     handler: str = ""  # the registered block handler that detected it
 
@@ -49,9 +50,10 @@ class ShardingPlan:
         return layer.ranges[self.rank]
 
     def __str__(self) -> str:
+        w = max([24] + [len(l.path) for l in self.layers])  # the block column
         lines = [
             f"strategy: {self.strategy} on {self.size} rank(s) ({self.reason})",
-            f"{'layer':>5}  {'block':<24} {'kind':<6} {'experts':>7} {'top-k':>5}  "
+            f"{'layer':>5}  {'block':<{w}} {'kind':<6} {'experts':>7} {'top-k':>5}  "
             + "  ".join(f"rank {r:<8}" for r in range(self.size)),
         ]
         for l in self.layers:
@@ -64,11 +66,11 @@ class ShardingPlan:
                     cells.append(f"{cell:<13}")
                 top_k = "?" if l.top_k is None else str(l.top_k)
                 lines.append(
-                    f"{l.index:>5}  {l.path:<24} {'moe':<6} {l.num_experts:>7} {top_k:>5}  "
+                    f"{l.index:>5}  {l.path:<{w}} {'moe':<6} {l.num_experts:>7} {top_k:>5}  "
                     + "".join(cells)
                 )
             else:
-                lines.append(f"{l.index:>5}  {l.path:<24} {l.kind:<6} {'':>7} {'':>5}  {l.holder}")
+                lines.append(f"{l.index:>5}  {l.path:<{w}} {l.kind:<6} {'':>7} {'':>5}  {l.holder}")
         if self.param_bytes:
             lines.append(
                 "parameter bytes on this rank: "
@@ -131,12 +133,24 @@ def plan(model: nn.Module, group=None, strategy: str = "auto", **options) -> Sha
     raise PlanError("No strategy can shard this model: " + " | ".join(reasons))
 
 
-_LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")
+def layers_path(model: nn.Module) -> str:
+    """The path of the decoder layer list (e.g. "model.layers")."""
+    layers = getattr(model, "layers", None)
+    if not layers:
+        raise PlanError(f"{type(model).__name__} exposes no decoder layer list (model.layers)")
+    first = next((l for l in layers if l is not None), None)
+    for path, m in model.named_modules():
+        if m is first and path.rsplit(".", 1)[-1].isdigit():
+            return path.rsplit(".", 1)[0]
+    raise PlanError("could not find where the decoder layers live in the model")
 
 
-def layer_index(path: str) -> int:
-    m = _LAYER_RE.search(path)
-    return int(m.group(1)) if m else -1
+def layer_index(path: str, layers: Optional[str]) -> int:
+    """The index of the decoder layer that module `path` lies in, given the
+    path of the layer list; -1 for modules outside it."""
+    if layers is None or not path.startswith(layers + "."):
+        return -1
+    return int(path[len(layers) + 1 :].split(".")[0])
 
 
 def module_at(root: nn.Module, path: str) -> nn.Module:

@@ -1,27 +1,13 @@
 """Detection, planning and the local-expert computation, in one process."""
 
-import copy
-
 import mlx.core as mx
 import pytest
 from mlx_lm.utils import _get_classes
 
-from mlx_moe import PlanError, plan
-from mlx_moe.expert import Absent, ExpertParallelBlock, LocalExperts, copy_rows, find_moe_blocks
-from mlx_moe.plan import get_strategy, module_at, split_evenly
-
-
-class Group:
-    """Stands in for mx.distributed.Group where only size and rank matter."""
-
-    def __init__(self, size, rank=0):
-        self._size, self._rank = size, rank
-
-    def size(self):
-        return self._size
-
-    def rank(self):
-        return self._rank
+from mlx_moe import PlanError, expert, plan
+from mlx_moe.expert import Absent, ExpertParallelBlock, LocalExperts, find_moe_blocks
+from mlx_moe.plan import module_at, split_evenly
+from mlx_moe.simulate import LocalGroup, shard_in_process
 
 
 def build(config):
@@ -44,7 +30,7 @@ LLAMA = dict(BASE, model_type="llama")
 
 
 def test_plan_detects_moe_and_dense_layers():
-    p = plan(build(QWEN3_MOE), Group(2), "expert")
+    p = plan(build(QWEN3_MOE), LocalGroup(2), "expert")
     assert p.strategy == "expert"
     kinds = {l.index: l.kind for l in p.layers}
     assert kinds == {0: "moe", 1: "dense", 2: "moe"}
@@ -56,24 +42,24 @@ def test_plan_detects_moe_and_dense_layers():
 
 
 def test_auto_picks_expert_for_moe():
-    assert plan(build(QWEN3_MOE), Group(3), "auto").strategy == "expert"
+    assert plan(build(QWEN3_MOE), LocalGroup(3), "auto").strategy == "expert"
 
 
 def test_shared_experts_detected():
-    p = plan(build(QWEN2_MOE), Group(3), "expert")
+    p = plan(build(QWEN2_MOE), LocalGroup(3), "expert")
     assert all(l.shared == ("shared_expert",) for l in p.moe_layers)
     assert p.moe_layers[0].shared_rank is not None
 
 
 def test_impossible_requests_fail_early_with_the_fix():
     with pytest.raises(PlanError, match="at most 6 ranks"):
-        plan(build(QWEN3_MOE), Group(8), "expert")
+        plan(build(QWEN3_MOE), LocalGroup(8), "expert")
     with pytest.raises(PlanError, match="no MoE block.*pipeline"):
-        plan(build(LLAMA), Group(2), "expert")
+        plan(build(LLAMA), LocalGroup(2), "expert")
     with pytest.raises(PlanError, match="Unknown strategy 'tensor'"):
-        plan(build(QWEN3_MOE), Group(2), "tensor")
+        plan(build(QWEN3_MOE), LocalGroup(2), "tensor")
     with pytest.raises(PlanError, match="expert_weights has 3 entries for 2 ranks"):
-        plan(build(QWEN3_MOE), Group(2), "expert", expert_weights=[1, 1, 1])
+        plan(build(QWEN3_MOE), LocalGroup(2), "expert", expert_weights=[1, 1, 1])
 
 
 def test_split_evenly():
@@ -82,23 +68,13 @@ def test_split_evenly():
     assert split_evenly(4, [100, 1]) == [(0, 3), (3, 4)]
 
 
-def _shard_by_hand(model, size):
-    """The model as each of `size` ranks would hold it, the combine left out
-    so the partial outputs can be summed here."""
-    shards = []
-    for rank in range(size):
-        m = copy.deepcopy(model)
-        p = plan(m, Group(size, rank), "expert")
-        get_strategy("expert").apply(m, p, Group(size, rank), read_rows=copy_rows)
-        shards.append((m, p))
-    return shards
-
-
-@pytest.mark.parametrize("tokens", [1, 5, 40])  # masked and gathered paths
+@pytest.mark.parametrize("path", ["masked", "gathered"])
+@pytest.mark.parametrize("tokens", [1, 5, 40])
 @pytest.mark.parametrize("config", [QWEN3_MOE, QWEN2_MOE], ids=["qwen3_moe", "qwen2_moe"])
-def test_partial_outputs_sum_to_the_block(config, tokens):
+def test_partial_outputs_sum_to_the_block(config, tokens, path, monkeypatch):
+    monkeypatch.setattr(expert, "GATHER_MIN_TOKENS", 1 if path == "gathered" else 10**9)
     model = build(config)
-    shards = _shard_by_hand(model, 3)
+    shards = shard_in_process(model, 3)
     x = mx.random.normal((1, tokens, config["hidden_size"]))
     for layer in shards[0][1].moe_layers:
         want = module_at(model, layer.path)(x)
@@ -115,7 +91,7 @@ def test_partial_outputs_sum_to_the_block(config, tokens):
 
 
 def test_shared_expert_lives_on_one_rank():
-    shards = _shard_by_hand(build(QWEN2_MOE), 3)
+    shards = shard_in_process(build(QWEN2_MOE), 3)
     for layer in shards[0][1].moe_layers:
         holders = [not isinstance(module_at(m, layer.path).block.shared_expert, Absent)
                    for m, _ in shards]
@@ -123,7 +99,7 @@ def test_shared_expert_lives_on_one_rank():
 
 
 def test_local_experts_hold_only_their_rows():
-    shards = _shard_by_hand(build(QWEN3_MOE), 2)
+    shards = shard_in_process(build(QWEN3_MOE), 2)
     for m, p in shards:
         for layer in p.moe_layers:
             local = module_at(m, layer.path).block.switch_mlp
