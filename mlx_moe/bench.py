@@ -72,11 +72,12 @@ def run_rank(mode: str, path: str, args) -> dict:
     from mlx_lm.generate import generate_step
 
     from . import comm
-    from .cores import pin_local_rank
+    from .cores import pin_local_rank, restore_priority
 
     counter = _Counter()
     group = mx.distributed.init()
-    # Every parallel mode gets the cores mlx-moe gives its own ranks.
+    # Every parallel mode gets the priority and cores mlx-moe gives its ranks.
+    restore_priority()
     pin_local_rank(group.rank())
     mx.reset_peak_memory()
     model = _load(mode, path, group)

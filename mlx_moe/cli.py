@@ -13,7 +13,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from .launch import free_port, launch_command, normalize_hosts, stop_group, wait_ready
+from .launch import free_port, launch_command, normalize_hosts, start, stop_group, wait_ready
 
 DEMO_DIR = Path(os.environ.get("MLX_MOE_HOME", Path.home() / ".cache" / "mlx-moe")) / "demo-qwen3-moe-4bit"
 
@@ -64,8 +64,7 @@ def _launch(args, argv, notify=None):
     `notify(reason)` passes the reason on (to rank 0, for its clients)."""
     cmd = launch_command(argv, hosts=args.hosts.split(","), backend=args.backend,
                          hostfile=args.hostfile, python=args.python, env=getattr(args, "rank_env", ()))
-    # Its own session, so stopping it reaches every rank (and ssh client) it started.
-    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    proc = start(cmd, stderr=subprocess.PIPE)
     stopping, failures = [], []
 
     def kill_later(seconds):
@@ -170,7 +169,7 @@ def cmd_demo(args):
         str(path), "127.0.0.1", free_port(), "expert", None)
     cmd = launch_command(_serve_argv(args), hosts=["127.0.0.1", "127.0.0.1"])
     url = f"http://127.0.0.1:{args.port}"
-    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, start_new_session=True)
+    proc = start(cmd)
     try:
         wait_ready(url, proc)
         question = "Tell me about the river."

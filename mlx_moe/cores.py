@@ -48,3 +48,17 @@ def pin_local_rank(rank: int) -> Optional[Set[int]]:
         except OSError:
             pass
     return mine
+
+
+def restore_priority() -> None:
+    """Undo the lower priority mlx.launch was started with (see
+    launch.start) so the ranks outrank its polling threads. Lowering a
+    nice value needs privilege on most systems; without it the ranks keep
+    the launcher's priority, which costs nothing but the gain."""
+    want = os.environ.get("MLX_MOE_RANK_PRIORITY")
+    if want is None:
+        return
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, int(want))
+    except (OSError, ValueError):
+        pass

@@ -78,21 +78,30 @@ def launch_command(
     return cmd + ["--", *argv]
 
 
+# mlx.launch relays each rank's output in a thread that polls the rank's
+# stdin pipe for writability, which is always true, so it spins a core for as
+# long as the ranks run. Started at a lower priority it yields that core to
+# the ranks, which restore the caller's priority (cores.restore_priority):
+# measured here, 2-rank expert-parallel decode went from 17 to 38 tok/s.
+LAUNCHER_NICE = 10
+
+
+def start(cmd, **kwargs) -> subprocess.Popen:
+    """Start an mlx.launch command line in a session of its own (so stopping
+    it reaches every rank) with stdin a pipe nobody writes (/dev/null would
+    make its stdin poll spin too)."""
+    here = os.getpriority(os.PRIO_PROCESS, 0)
+    env = dict(kwargs.pop("env", None) or os.environ, MLX_MOE_RANK_PRIORITY=str(here))
+    return subprocess.Popen(cmd, stdin=subprocess.PIPE, start_new_session=True, env=env,
+                            preexec_fn=lambda: os.nice(LAUNCHER_NICE), **kwargs)
+
+
 def run_ranks(argv: Sequence[str], n: int = 2, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
     """Run `argv` on n local ranks over ring and wait at most `timeout`
     seconds; on time-out every rank is killed and TimeoutError raised with
     the output so far."""
     cmd = launch_command(argv, hosts=["127.0.0.1"] * n, **kw)
-    # stdin is a pipe nobody writes: mlx.launch polls it, and /dev/null would
-    # make that poll spin and steal a core from the ranks.
-    p = subprocess.Popen(
-        cmd,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    p = start(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         out, err = p.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

@@ -18,7 +18,7 @@ from mlx_lm.utils import load_model, load_tokenizer
 
 from . import comm
 from .checkpoint import Checkpoint
-from .cores import pin_local_rank
+from .cores import pin_local_rank, restore_priority
 from .expert import copy_rows
 from .plan import ShardingPlan, get_strategy, plan as make_plan
 
@@ -145,6 +145,7 @@ def load_sharded(
         comm.set_max_message_bytes(max_collective_bytes)
     options = dict(expert_weights=expert_weights, layer_weights=layer_weights)
     if size > 1:
+        restore_priority()
         pin_local_rank(rank)
     t0 = time.perf_counter()
 
