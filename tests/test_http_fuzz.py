@@ -1,6 +1,7 @@
-"""Fuzzing the HTTP layer in one process: no request, however malformed,
-gets a 5xx, and the server stays healthy. The engine is a stand-in that
-answers at once, so only the HTTP layer is under test."""
+"""Fuzzing the HTTP layer: no request, however malformed, gets a 5xx, and
+the server stays healthy. Most examples run in one process with a stand-in
+engine that answers at once (only the HTTP layer is under test); a shorter
+run hits a real two-rank server."""
 
 import json
 import threading
@@ -77,3 +78,41 @@ def test_healthy_after_fuzzing(client):
     assert client.get("/health").status_code == 200
     r = client.post("/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 2})
     assert r.status_code == 200 and r.json()["choices"][0]["text"] == "ok"
+
+
+def test_no_5xx_from_a_real_two_rank_server(checkpoint):
+    """The same fuzzing, briefly, against `mlx-moe serve` on two real ranks."""
+    import urllib.error
+    import urllib.request
+
+    from mlx_moe.launch import free_port, stop_group, wait_ready
+    from test_serve import _start
+
+    path = checkpoint("qwen3_moe", quantize=4)
+    port = free_port()
+    proc = _start(path, port, "--max-context", "64")
+    url = f"http://127.0.0.1:{port}"
+
+    def post(endpoint, data: bytes) -> int:
+        req = urllib.request.Request(url + endpoint, data, {"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=120) as r:
+                return r.status
+        except urllib.error.HTTPError as e:
+            return e.code
+
+    @settings(max_examples=40, deadline=None)
+    @given(body=st.one_of(bodies.map(lambda b: json.dumps(b).encode()), st.binary(max_size=100)),
+           endpoint=st.sampled_from(["/v1/chat/completions", "/v1/completions"]))
+    def fuzz(body, endpoint):
+        assert post(endpoint, body) < 500, body
+
+    try:
+        wait_ready(url, proc)
+        fuzz()
+        assert post("/v1/completions", json.dumps({"model": str(path), "prompt": "hi",
+                                                   "max_tokens": 2}).encode()) == 200
+        with urllib.request.urlopen(url + "/health", timeout=10) as r:
+            assert r.status == 200
+    finally:
+        stop_group(proc)
