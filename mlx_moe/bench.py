@@ -50,7 +50,6 @@ class _Counter:
 
 
 def _load(mode, path, group):
-    import mlx.core as mx
     from mlx_lm import load
     from mlx_lm.utils import sharded_load
 
@@ -92,7 +91,7 @@ def run_rank(mode: str, path: str, args) -> dict:
         prompt = mx.array(rng.randint(0, 500, prompt_len))
         comm.barrier(group)
         t0 = time.perf_counter()
-        first = rest = None
+        first = None
         steps = generate_step(prompt, model, max_tokens=max_tokens)
         for n, (token, _) in enumerate(steps):
             if n == 0:

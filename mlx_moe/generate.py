@@ -3,7 +3,6 @@ runs the same generation in lockstep; rank 0 prints the text as it comes."""
 
 import argparse
 import sys
-import time
 
 import mlx.core as mx
 from mlx_lm import stream_generate

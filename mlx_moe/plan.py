@@ -7,7 +7,7 @@ picks the strategy; adding one is a `register()` call, not another branch.
 """
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn

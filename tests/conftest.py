@@ -1,6 +1,5 @@
 import hashlib
 import json
-import sys
 from pathlib import Path
 
 import pytest

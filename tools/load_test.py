@@ -6,7 +6,6 @@
 
 import argparse
 import json
-import statistics
 import sys
 import threading
 import time

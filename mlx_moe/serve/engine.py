@@ -133,7 +133,6 @@ class Engine:
         if self.failure:
             return
         self.failure = reason
-        log(f"[rank {self.rank}] {reason}")
         job = self.current
         if job is not None:
             job.emit(("error", reason))
@@ -141,6 +140,8 @@ class Engine:
             pending = self.jobs.get_nowait()
             if pending is not None:
                 pending.emit(("error", reason))
+        # Logged after the clients are told: stderr is a pipe that may block.
+        log(f"[rank {self.rank}] {reason}")
         self.on_failure(reason)
 
     def fail_with_notice(self, reason: str) -> None:
