@@ -39,18 +39,25 @@ def _rank_pid(marker, rank):
 
 
 def _stream_until_error(url, model, started: threading.Event, max_tokens=100000):
-    """Stream a long completion; return (error message or None, seconds after `started`)."""
+    """Stream a long completion; return the error message that ended it, or None."""
     client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
-    t = None
     try:
-        for chunk in client.completions.create(model=str(model), prompt="The river", max_tokens=max_tokens,
-                                               temperature=0, stream=True):
-            if not started.is_set():
-                started.set()
-                t = time.monotonic()
-        return None, 0
+        for _ in client.completions.create(model=str(model), prompt="The river", max_tokens=max_tokens,
+                                           temperature=0, stream=True):
+            started.set()
+        return None
     except (openai.APIError, openai.APIConnectionError) as e:
-        return str(e), time.monotonic() - (t or time.monotonic())
+        return str(e)
+
+
+def _streaming(url, model):
+    """A long stream running in a thread, once its first token has arrived:
+    (thread, result dict that gets "error")."""
+    started, result = threading.Event(), {}
+    t = threading.Thread(target=lambda: result.update(error=_stream_until_error(url, model, started)))
+    t.start()
+    assert started.wait(60), "no token streamed"
+    return t, result
 
 
 def _popen(argv, **kw):
@@ -88,18 +95,14 @@ def test_killed_rank_stops_the_cluster_with_a_message(model_path, when):
     marker = f"--port {port}"
     try:
         wait_ready(url, proc)
-        started, result = threading.Event(), {}
         if when == "mid-generation":
-            t = threading.Thread(target=lambda: result.update(r=_stream_until_error(url, model_path, started)))
-            t.start()
-            assert started.wait(60), "no token streamed"
+            t, result = _streaming(url, model_path)
         os.kill(_rank_pid(marker, 1), signal.SIGKILL)
         killed = time.monotonic()
         if when == "mid-generation":
             t.join(30)
             assert not t.is_alive(), "the stream did not end within 30 s"
-            message, _ = result["r"]
-            assert message and "rank 1" in message, message
+            assert result["error"] and "rank 1" in result["error"], result["error"]
         code, err = _finish(proc, 60)
         assert time.monotonic() - killed < 60
         assert code != 0 and "rank 1 was killed by SIGKILL" in err, err[-2000:]
@@ -117,16 +120,12 @@ def test_stalled_rank_is_caught_by_the_watchdog(model_path):
     marker = f"--port {port}"
     try:
         wait_ready(url, proc)
-        started, result = threading.Event(), {}
-        t = threading.Thread(target=lambda: result.update(r=_stream_until_error(url, model_path, started)))
-        t.start()
-        assert started.wait(60), "no token streamed"
+        t, result = _streaming(url, model_path)
         os.kill(_rank_pid(marker, 1), signal.SIGSTOP)
         stopped = time.monotonic()
         t.join(40)
         assert not t.is_alive(), "the stream did not end"
-        message, _ = result["r"]
-        assert message and "stalled" in message, message
+        assert result["error"] and "stalled" in result["error"], result["error"]
         code, err = _finish(proc, 60)
         assert time.monotonic() - stopped < 60
         assert code != 0 and "no progress from the cluster" in err, err[-2000:]
