@@ -8,6 +8,7 @@ samples with the same seed from the same logits and applies the same stop
 rules, so they finish on the same token without a per-token message.
 """
 
+import faulthandler
 import json
 import os
 import queue
@@ -90,6 +91,18 @@ class StopMatcher:
 NOTICE_WAIT = 3.0
 
 
+def clear_cache_without_gil(clear_cache=mx.clear_cache):
+    """mx.clear_cache waits for queued work holding the GIL (mlx 0.32); mlx-lm
+    calls it every 256 tokens, so a peer that stalled during that wait froze
+    every thread of the rank, the watchdog too. Waiting first in
+    mx.synchronize, which releases the GIL, leaves it nothing to wait for."""
+    def clear():
+        comm.settle()
+        clear_cache()
+    clear.without_gil = True
+    return clear
+
+
 def lost_peer(e: Exception) -> bool:
     """A collective failed because a peer went away (not a bad request)."""
     text = str(e)
@@ -117,6 +130,7 @@ class Engine:
         self.on_failure = lambda reason: os._exit(3)
         self._progress = time.monotonic()
         self._waiting = False  # inside a collective or a generation
+        self._done = False
 
     def submit(self, job: Job) -> None:
         if self.failure:
@@ -158,15 +172,21 @@ class Engine:
         self._progress = time.monotonic()
 
     def _watch(self) -> None:
-        while self.failure is None:
+        while self.failure is None and not self._done:
+            # Last resort if a native call holds the GIL through a stall, so
+            # this thread cannot run: dump every thread's stack and exit.
+            faulthandler.dump_traceback_later(self.watchdog * 2 + 10, exit=True)
             time.sleep(min(1.0, self.watchdog / 4))
             stalled = time.monotonic() - self._progress
             if self._waiting and stalled > self.watchdog:
                 self.fail(f"no progress from the cluster for {stalled:.0f} s: "
                           "a rank is stalled or unreachable; stopping")
+        faulthandler.cancel_dump_traceback_later()
 
     def run(self) -> None:
         """The loop every rank runs until rank 0 says stop."""
+        if not getattr(mx.clear_cache, "without_gil", False):
+            mx.clear_cache = clear_cache_without_gil()
         threading.Thread(target=self._watch, daemon=True, name="watchdog").start()
         self.ready.set()
         while True:
@@ -182,6 +202,7 @@ class Engine:
             spec = broadcast_json(spec, self.group)
             self._tick()
             if spec["op"] == "shutdown":
+                self._done = True
                 return
             if spec["op"] == "generate":
                 self.current = job
