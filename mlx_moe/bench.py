@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 
 MODES = ["single", "mlx-lm tensor", "mlx-lm pipeline", "mlx-moe expert", "mlx-moe pipeline"]
+# Expert parallel with experts placed from the loads a calibration run measured.
+BALANCED = "mlx-moe expert balanced"
 # A scaled-down Qwen3-30B-A3B: 64 experts, top-8, moe_intermediate = hidden / 2.67.
 MODEL = dict(layers=8, hidden=512, experts=64, top_k=8, quantize=4,
              overrides={"moe_intermediate_size": 192, "num_attention_heads": 8,
@@ -49,7 +51,7 @@ class _Counter:
         self.calls, self.max_bytes = 0, 0
 
 
-def _load(mode, path, group):
+def _load(mode, path, group, placement=None):
     from mlx_lm import load
     from mlx_lm.utils import sharded_load
 
@@ -61,7 +63,23 @@ def _load(mode, path, group):
         return sharded_load(path, pipeline_group=group)[0]
     from .loader import load_sharded
 
-    return load_sharded(path, group, "expert" if mode == "mlx-moe expert" else "pipeline")[0]
+    strategy = "pipeline" if mode == "mlx-moe pipeline" else "expert"
+    return load_sharded(path, group, strategy, placement=placement)[0]
+
+
+def _routed(model, before):
+    """Pairs routed to each expert since `before` (expert_loads), per block,
+    and the mean over blocks of the busiest rank's share (max / mean)."""
+    from .expert import expert_loads
+    from .placement import imbalance
+
+    loads, ratios = {}, []
+    for old, new in zip(before, expert_loads(model)):
+        counts = [b - a for a, b in zip(old.counts, new.counts)]
+        loads[new.path] = counts
+        ranks = [[e for e, r in enumerate(new.owner) if r == rank] for rank in range(max(new.owner) + 1)]
+        ratios.append(imbalance(counts, ranks))
+    return loads, (sum(ratios) / len(ratios) if ratios else None)
 
 
 def run_rank(mode: str, path: str, args) -> dict:
@@ -79,11 +97,11 @@ def run_rank(mode: str, path: str, args) -> dict:
     restore_priority()
     pin_local_rank(group.rank())
     mx.reset_peak_memory()
-    model = _load(mode, path, group)
+    model = _load(mode, path, group, getattr(args, "placement", None))
     mx.eval(model.parameters())
     params = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
     load_peak = mx.get_peak_memory()
-    rng = __import__("numpy").random.RandomState(0)
+    rng = __import__("numpy").random.RandomState(getattr(args, "seed", 0))
 
     def timed(prompt_len, max_tokens):
         """Seconds to the first token, seconds for the rest, collective
@@ -101,8 +119,12 @@ def run_rank(mode: str, path: str, args) -> dict:
         comm.settle()
         return first - t0, end - first, counter.calls, counter.max_bytes
 
+    from .expert import expert_loads
+
     timed(16, 4)  # warm up
+    before = expert_loads(model)
     _, decode_s, calls, decode_max = timed(args.prompt_tokens, args.decode_tokens)
+    loads, imbalance = _routed(model, before)
     prefill_s, _, _, _ = timed(args.prefill_tokens, 1)
     counter.reset()
     comm.barrier(group)
@@ -119,6 +141,9 @@ def run_rank(mode: str, path: str, args) -> dict:
         # over the decode covers `steps` graphs exactly.
         "collectives_per_token": calls / steps,
         "max_message_bytes": decode_max,
+        # Expert-parallel modes: how evenly the decode's pairs fell on the ranks.
+        "imbalance": imbalance,
+        "loads": loads,
     }
 
 
@@ -130,6 +155,8 @@ def _rank_main(argv):
     p.add_argument("--decode-tokens", type=int)
     p.add_argument("--prompt-tokens", type=int)
     p.add_argument("--prefill-tokens", type=int)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--placement")
     args = p.parse_args(argv)
     r = run_rank(args.mode, args.path, args)
     import mlx.core as mx
@@ -138,12 +165,12 @@ def _rank_main(argv):
     Path(f"{args.out}.rank{rank}").write_text(json.dumps(r))
 
 
-def _run_mode(mode, path, args, out):
+def _run_mode(mode, path, args, out, extra=()):
     from .launch import run_ranks
 
     rank_argv = ["-m", "mlx_moe.bench", "--rank", "--mode", mode, "--path", str(path), "--out", out,
                  "--decode-tokens", str(args.decode_tokens), "--prompt-tokens", str(args.prompt_tokens),
-                 "--prefill-tokens", str(args.prefill_tokens)]
+                 "--prefill-tokens", str(args.prefill_tokens), *extra]
     env = dict(os.environ, MLX_MOE_QUIET="1")
     if mode == "single":
         proc = subprocess.run([sys.executable, *rank_argv], capture_output=True, text=True,
@@ -168,6 +195,8 @@ def summarize(runs):
         for key in ("peak_memory", "load_peak_memory", "param_bytes", "collectives_per_token",
                     "max_message_bytes"):
             row[key] = max(r[key] for rep in reps for r in rep)
+        if reps[0][0].get("imbalance") is not None:
+            row["imbalance"] = statistics.median(rep[0]["imbalance"] for rep in reps)
         table[mode] = row
     base = table.get("single")
     tensor = table.get("mlx-lm tensor")
@@ -180,17 +209,18 @@ def summarize(runs):
 
 
 def format_table(table) -> str:
-    head = (f"{'mode':<17} {'decode tok/s':>22} {'prefill tok/s':>22} {'vs 1 proc':>9} {'vs TP':>6} "
-            f"{'peak MiB':>9} {'params MiB':>10} {'coll/tok':>8} {'max msg':>8}")
+    head = (f"{'mode':<24} {'decode tok/s':>22} {'prefill tok/s':>22} {'vs 1 proc':>9} {'vs TP':>6} "
+            f"{'peak MiB':>9} {'params MiB':>10} {'coll/tok':>8} {'max msg':>8} {'imbal.':>6}")
     lines = [head, "-" * len(head)]
     for mode, r in table.items():
         d, p = r["decode_tps"], r["prefill_tps"]
         lines.append(
-            f"{mode:<17} {d['median']:>8.1f} ({d['min']:.1f}-{d['max']:.1f}) "
+            f"{mode:<24} {d['median']:>8.1f} ({d['min']:.1f}-{d['max']:.1f}) "
             f"{p['median']:>8.0f} ({p['min']:.0f}-{p['max']:.0f}) "
             f"{r.get('decode_tps_vs_single', 0):>9.2f} {r.get('decode_tps_vs_tensor', 0):>6.2f} "
             f"{r['peak_memory'] / 2**20:>9.1f} {r['param_bytes'] / 2**20:>10.1f} "
-            f"{r['collectives_per_token']:>8.1f} {r['max_message_bytes']:>8}")
+            f"{r['collectives_per_token']:>8.1f} {r['max_message_bytes']:>8} "
+            + (f"{r['imbalance']:>6.2f}" if "imbalance" in r else f"{'':>6}"))
     return "\n".join(lines)
 
 
@@ -202,7 +232,14 @@ def main(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--ranks", type=int, default=2)
-    p.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of: " + ", ".join(MODES))
+    p.add_argument("--modes", default=",".join(MODES),
+                   help="comma-separated subset of: " + ", ".join(MODES + [BALANCED])
+                        + f" ('{BALANCED}' first measures expert loads on other prompts, then places)")
+    p.add_argument("--calibration-seed", type=int, default=1,
+                   help=f"prompt seed of the run that measures loads for '{BALANCED}' (the timed runs "
+                        "use 0: give 0 to place from the very workload that is timed)")
+    p.add_argument("--router-skew", type=float, default=0.0,
+                   help="make the synthetic routers favour low expert ids (e.g. 1.0) to study placement")
     p.add_argument("--decode-tokens", type=int, default=128)
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--prefill-tokens", type=int, default=2048)
@@ -215,21 +252,32 @@ def main(argv=None):
 
     home = Path(os.environ.get("MLX_MOE_HOME", Path.home() / ".cache" / "mlx-moe"))
     spec = dict(MODEL, layers=args.layers)
-    path = synthesize(home / f"bench-qwen3-moe-{args.layers}l", "qwen3_moe", **spec)
+    skew = f"-skew{args.router_skew:g}" if args.router_skew else ""
+    path = synthesize(home / f"bench-qwen3-moe-{args.layers}l{skew}", "qwen3_moe",
+                      router_skew=args.router_skew, **spec)
     modes = [m.strip() for m in args.modes.split(",")]
-    unknown = set(modes) - set(MODES)
+    unknown = set(modes) - set(MODES + [BALANCED])
     if unknown:
-        p.error(f"unknown modes {sorted(unknown)}; choose from {MODES}")
+        p.error(f"unknown modes {sorted(unknown)}; choose from {MODES + [BALANCED]}")
     runs = {m: [] for m in modes}
     with tempfile.TemporaryDirectory() as tmp:
+        extra = {}
+        if BALANCED in modes:
+            from .placement import balanced, write_placement
+
+            print("measuring expert loads for the balanced placement ...", file=sys.stderr, flush=True)
+            calib = _run_mode("mlx-moe expert", path, args, f"{tmp}/calibration", ["--seed", str(args.calibration_seed)])
+            write_placement(balanced(calib[0]["loads"], args.ranks), f"{tmp}/placement.json")
+            extra[BALANCED] = ["--placement", f"{tmp}/placement.json"]
         for rep in range(args.repeats):
             # Alternate the order so slow drift does not favour one mode.
             for mode in (modes if rep % 2 == 0 else modes[::-1]):
                 print(f"[{rep + 1}/{args.repeats}] {mode} ...", file=sys.stderr, flush=True)
-                runs[mode].append(_run_mode(mode, path, args, f"{tmp}/{mode.replace(' ', '_')}-{rep}"))
+                runs[mode].append(_run_mode(mode, path, args, f"{tmp}/{mode.replace(' ', '_')}-{rep}",
+                                            extra.get(mode, ())))
     table = summarize(runs)
     print(format_table(table))
-    result = {"model": {"arch": "qwen3_moe", **spec, "path": str(path)},
+    result = {"model": {"arch": "qwen3_moe", **spec, "router_skew": args.router_skew, "path": str(path)},
               "args": vars(args),
               "machine": {"cpus": os.cpu_count(), "platform": sys.platform},
               "table": table, "runs": runs}

@@ -1,14 +1,14 @@
 """Reading rows of a stacked tensor straight from safetensors files.
 
 Experts are stacked on axis 0, so one rank's experts are one contiguous byte
-range of the file: reading just that range means a rank never holds the
-whole tensor, not even for a moment.
+range of the file (a few, under a placement): reading just those ranges
+means a rank never holds the whole tensor, not even for a moment.
 """
 
 import json
 import struct
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import mlx.core as mx
 import numpy as np
@@ -58,9 +58,10 @@ class Checkpoint:
                 self.tensors[key] = (self.path / name, start, meta)
         self.bytes_read = 0
 
-    def read_rows(self, key: str, like: mx.array, lo: int, hi: int) -> Optional[mx.array]:
-        """Rows [lo, hi) of tensor `key`, or None when the file's tensor is not
-        the one the model holds under that name (sanitize changed it)."""
+    def read_rows(self, key: str, like: mx.array, rows: List[int]) -> Optional[mx.array]:
+        """Rows `rows` of tensor `key` (one read per run of consecutive rows),
+        or None when the file's tensor is not the one the model holds under
+        that name (sanitize changed it)."""
         if key not in self.tensors:
             return None
         file, start, meta = self.tensors[key]
@@ -69,11 +70,25 @@ class Checkpoint:
             return None
         row = int(np.prod(meta["shape"][1:], dtype=np.int64))
         itemsize = np.dtype(np_dtype).itemsize
-        offset = start + meta["data_offsets"][0] + lo * row * itemsize
-        data = np.fromfile(file, dtype=np_dtype, count=(hi - lo) * row, offset=offset)
+        pieces = []
+        for lo, hi in _runs(rows):
+            offset = start + meta["data_offsets"][0] + lo * row * itemsize
+            pieces.append(np.fromfile(file, dtype=np_dtype, count=(hi - lo) * row, offset=offset))
+        data = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
         self.bytes_read += data.nbytes
-        out = mx.array(data).reshape(hi - lo, *meta["shape"][1:])
+        out = mx.array(data).reshape(len(rows), *meta["shape"][1:])
         if meta["dtype"] == "BF16":
             out = out.view(mx.bfloat16)
         mx.eval(out)
         return out
+
+
+def _runs(rows: List[int]) -> List[Tuple[int, int]]:
+    """[lo, hi) runs of consecutive rows, in the given order."""
+    runs = []
+    for r in rows:
+        if runs and runs[-1][1] == r:
+            runs[-1][1] = r + 1
+        else:
+            runs.append([r, r + 1])
+    return [tuple(run) for run in runs]

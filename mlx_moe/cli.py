@@ -31,6 +31,20 @@ def _add_cluster_args(p):
     p.add_argument("--max-collective-bytes", type=int, default=None,
                    help="largest message any collective sends; bigger ones are split "
                         "(default 512 KiB, or $MLX_MOE_MAX_COLLECTIVE_BYTES)")
+    p.add_argument("--placement", default="contiguous",
+                   help="which experts each rank holds: contiguous (default), balanced (from "
+                        "--expert-load) or a placement file from 'mlx-moe placement'; files must be "
+                        "at the same path on every host")
+    p.add_argument("--expert-load", help="measured expert loads for --placement balanced: a saved "
+                                         "GET /metrics, or JSON {\"layers\": {block: [count per expert]}}")
+
+
+def _placement_argv(args):
+    placement, load = getattr(args, "placement", "contiguous"), getattr(args, "expert_load", None)
+    if placement == "balanced" and not load:
+        raise SystemExit("mlx-moe: --placement balanced needs --expert-load FILE (save GET /metrics "
+                         "of a server that has answered typical requests)")
+    return ["--placement", placement] + (["--expert-load", load] if load else [])
 
 
 def _signal_group(proc, sig):
@@ -116,7 +130,7 @@ def _launch(args, argv, notify=None):
 
 def _serve_argv(args):
     argv = ["-m", "mlx_moe.serve.rank", "--model", args.model, "--host", args.host,
-            "--port", str(args.port), "--strategy", args.strategy]
+            "--port", str(args.port), "--strategy", args.strategy, *_placement_argv(args)]
     if args.max_collective_bytes:
         argv += ["--max-collective-bytes", str(args.max_collective_bytes)]
     for flag in ("max_context", "watchdog_timeout", "max_body_bytes"):
@@ -148,7 +162,7 @@ def cmd_serve(args):
 
 def cmd_generate(args):
     argv = ["-m", "mlx_moe.generate", "--model", args.model, "--prompt", args.prompt,
-            "--max-tokens", str(args.max_tokens), "--strategy", args.strategy]
+            "--max-tokens", str(args.max_tokens), "--strategy", args.strategy, *_placement_argv(args)]
     if args.max_collective_bytes:
         argv += ["--max-collective-bytes", str(args.max_collective_bytes)]
     return _launch(args, argv)
@@ -192,6 +206,36 @@ def cmd_demo(args):
     return 0
 
 
+def cmd_placement(args):
+    from .placement import balanced, read_loads, report, write_placement
+
+    loads = read_loads(args.expert_load)
+    placement = balanced(loads, args.ranks)
+    print(report(loads, placement, args.ranks))
+    write_placement(placement, args.output)
+    print(f"wrote {args.output}; serve with --placement {args.output}", file=sys.stderr)
+    return 0
+
+
+def cmd_plan(args):
+    from .costmodel import Model, format_report, load_profiles, make_hosts, make_report
+    from .headers import read_checkpoint
+    from .plan import PlanError
+
+    chips, links = load_profiles()
+    try:
+        if args.link not in links:
+            raise ValueError(f"unknown link {args.link!r}; known links: {', '.join(links)}")
+        hosts = make_hosts(args.hosts, args.chip, args.memory, args.usable, chips)
+        report = make_report(Model.read(read_checkpoint(args.model, args.revision)), hosts, links[args.link],
+                             args.context, args.decode_at)
+    except (ValueError, FileNotFoundError, PlanError) as e:
+        print(f"mlx-moe plan: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(report.to_json(), indent=1) if args.json else format_report(report))
+    return 0
+
+
 def cmd_synth(args, rest):
     from .synthetic import main as synth_main
 
@@ -232,6 +276,49 @@ def main(argv=None):
     _add_cluster_args(g)
     g.set_defaults(func=cmd_generate)
 
+    pl = sub.add_parser("placement", help="balance experts over ranks from measured expert loads (EPLB-style)",
+                        description="Reads expert loads (a saved GET /metrics of mlx-moe serve, or JSON) "
+                                    "and writes a placement that gives each rank the same number of "
+                                    "experts with load as even as possible; prints each layer's "
+                                    "imbalance (busiest rank / mean) before and after.")
+    pl.add_argument("--expert-load", required=True, help="saved GET /metrics, or JSON {\"layers\": {block: [counts]}}")
+    pl.add_argument("--ranks", type=int, required=True, help="number of ranks (hosts) to place experts on")
+    pl.add_argument("-o", "--output", default="placement.json", help="placement file to write (default: placement.json)")
+    pl.set_defaults(func=cmd_placement)
+
+    pn = sub.add_parser(
+        "plan", help="will a model fit on these hosts, and how fast will it decode? (reads only config and headers)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Before downloading the weights: read a checkpoint's config.json and safetensors headers "
+                    "(from the hub only those files), pick the strategy load_sharded would pick, show what "
+                    "each host holds, the bytes per host (weights + KV cache at --context) and whether they "
+                    "fit, and predict decode tok/s for expert parallel, mlx-lm tensor parallel, pipeline and "
+                    "one host. The cost model and the chip/link profiles are in docs/PLAN.md.",
+        epilog="examples:\n"
+               "  mlx-moe plan --model mlx-community/Qwen3-235B-A22B-8bit --hosts mac1,mac2 --link tb5-rdma\n"
+               "  mlx-moe plan --model ./DeepSeek-V3-4bit --hosts 4 --chip m3-ultra --memory 512G\n"
+               "  mlx-moe plan --model ./model --hosts studio,laptop --chip m3-ultra,m4-max --memory 512G,128G")
+    pn.add_argument("--model", required=True, help="Hugging Face repo id or local checkpoint directory")
+    pn.add_argument("--hosts", default="2", help="host names, comma-separated (mac1,mac2), or a count (4); default 2")
+    pn.add_argument("--chip", default=None,
+                    help="chip profile, one for all hosts or one per host (default m3-ultra); see docs/PLAN.md")
+    pn.add_argument("--memory", default=None,
+                    help="memory per host, one for all or one per host, e.g. 512G or 512G,192G "
+                         "(default: the chip profile's largest configuration)")
+    pn.add_argument("--usable", type=float, default=None,
+                    help="fraction of memory weights + KV cache may use (default 0.75, macOS's default GPU "
+                         "wired-memory limit; raise it with sysctl iogpu.wired_limit_mb and pass e.g. 0.9)")
+    pn.add_argument("--link", default="tb-ip",
+                    help="link profile: tb5-rdma (JACCL), tb-ip (ring over IP over Thunderbolt, the default "
+                         "backend), ethernet, loopback-ring")
+    pn.add_argument("--context", type=int, default=32768,
+                    help="tokens of KV cache to budget per host (default 32768, at most the model's maximum)")
+    pn.add_argument("--decode-at", type=int, default=0,
+                    help="predict decode at this many tokens of context already in the cache (default 0)")
+    pn.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
+    pn.add_argument("--json", action="store_true", help="print the report as JSON")
+    pn.set_defaults(func=cmd_plan)
+
     sub.add_parser("synth", help="write a small synthetic checkpoint (see mlx-moe synth --help)", add_help=False)
     sub.add_parser("bench", help="compare expert parallel with mlx-lm tensor/pipeline parallel and one process "
                                  "(see mlx-moe bench --help)", add_help=False)
@@ -245,7 +332,14 @@ def main(argv=None):
         return bench_main(rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    return args.func(args)
+    from .plan import PlanError
+
+    try:
+        return args.func(args)
+    except (PlanError, OSError) as e:
+        # A request that cannot work: say what and how to fix it, no traceback.
+        print(f"mlx-moe: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

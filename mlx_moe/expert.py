@@ -1,5 +1,6 @@
-"""Expert parallelism: each rank holds a contiguous range of every MoE
-layer's experts and computes only the (token, expert) pairs routed to them.
+"""Expert parallelism: each rank holds a share of every MoE layer's experts
+(a contiguous range, or the set a placement gives it) and computes only the
+(token, expert) pairs routed to them.
 
 A token's trip through one expert-parallel layer, top to bottom:
 1. route: the block's own router runs unchanged on every rank (replicated),
@@ -19,6 +20,7 @@ from typing import Callable, List, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.models.switch_layers import (
     QuantizedSwitchLinear,
@@ -28,6 +30,7 @@ from mlx_lm.models.switch_layers import (
 )
 
 from . import comm
+from .placement import validate
 from .plan import (
     LayerPlan,
     PlanError,
@@ -152,26 +155,60 @@ def find_moe_blocks(model: nn.Module) -> List[Tuple[str, MoEBlock, BlockHandler]
             if info is not None:
                 found.append((path, info, h))
                 break
-    # In model order: layer 10 after layer 9.
-    return sorted(found, key=lambda f: [(0, int(p), "") if p.isdigit() else (1, 0, p)
-                                        for p in f[0].split(".")])
+    return sorted(found, key=lambda f: _model_order(f[0]))
+
+
+def _model_order(path: str):
+    """Sort key for module paths: layer 10 after layer 9."""
+    return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in path.split(".")]
+
+
+class ExpertCounter:
+    """(token, expert) pairs routed to each expert of a block, counted on the
+    device as part of the forward pass and folded into `total` on demand."""
+
+    def __init__(self, num_experts: int):
+        # Made from data, not a lazy op: the model is built on one thread and
+        # run on another, and a lazy array belongs to its thread's stream.
+        self.pending = mx.array(np.zeros(num_experts, dtype=np.int32))
+        self.total = np.zeros(num_experts, dtype=np.int64)
+
+    def add(self, y: mx.array, flat: mx.array) -> mx.array:
+        """`y`, made to also count the expert ids in `flat` when evaluated."""
+        self.pending = self.pending.at[flat].add(1)
+        return mx.depends(y, self.pending)
+
+    def collect(self) -> List[int]:
+        pending = self.pending
+        self.pending = mx.array(np.zeros(pending.shape, dtype=np.int32))
+        self.total += np.array(pending, dtype=np.int64)
+        return self.total.tolist()
 
 
 class LocalExperts(nn.Module):
-    """Experts [lo, hi) of a stacked-experts container, called like the
+    """This rank's experts of a stacked-experts container, called like the
     container: (x [..., D], indices [..., k] global ids) -> [..., k, D]
-    with zeros for the pairs routed to other ranks."""
+    with zeros for the pairs routed to other ranks. The local experts are
+    placed positions [lo, hi); `position` maps expert ids to positions when
+    a placement moved them."""
 
-    def __init__(self, experts: nn.Module, lo: int, hi: int):
+    def __init__(self, experts: nn.Module, layer: LayerPlan, rank: int):
         super().__init__()
         self.experts = experts
-        self.lo, self.hi = lo, hi
+        self.lo, self.hi = layer.ranges[rank]
+        self.layer = layer
+        # From data (numpy), like the counter's array: it is used on another thread.
+        position = mx.array(np.argsort(layer.order).astype(np.int32)) if layer.order else None
+        self.position = _Constant(position)
+        self.counter = ExpertCounter(layer.num_experts)
 
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
+        flat = indices.flatten()
+        if self.position.value is not None:
+            indices = self.position.value[indices]
         tokens = indices.size // indices.shape[-1]
-        if tokens < GATHER_MIN_TOKENS:
-            return self._masked(x, indices)
-        return self._gathered(x, indices)
+        y = self._masked(x, indices) if tokens < GATHER_MIN_TOKENS else self._gathered(x, indices)
+        return self.counter.add(y, flat)
 
     def _masked(self, x, indices):
         local = (indices >= self.lo) & (indices < self.hi)
@@ -180,7 +217,7 @@ class LocalExperts(nn.Module):
 
     def _gathered(self, x, indices):
         k = indices.shape[-1]
-        flat = indices.flatten()  # [T*k] expert id per pair
+        flat = indices.flatten()  # [T*k] expert position per pair
         order = mx.argsort(flat)
         # The pair count decides the shape of the local computation.
         start, end = mx.stack([(flat < self.lo).sum(), (flat < self.hi).sum()]).tolist()
@@ -192,6 +229,29 @@ class LocalExperts(nn.Module):
         pad = lambda n: mx.zeros((n, ys.shape[-1]), dtype=ys.dtype)
         ys = mx.concatenate([pad(start), ys, pad(flat.size - end)])
         return ys[mx.argsort(order)].reshape(*indices.shape, ys.shape[-1])
+
+
+class _Constant:
+    """Holds an array that is not a parameter (nn.Module would count it as one)."""
+
+    def __init__(self, value: Optional[mx.array]):
+        self.value = value
+
+
+@dataclass
+class ExpertLoad:
+    path: str  # MoE block path, e.g. "model.layers.3.mlp"
+    counts: List[int]  # (token, expert) pairs routed to each expert since start
+    owner: List[int]  # the rank holding each expert
+
+
+def expert_loads(model: nn.Module) -> List[ExpertLoad]:
+    """Counts so far, in model order (empty for a model with no
+    expert-parallel blocks). Every rank counts every pair, since the router
+    is replicated. Call from the thread that runs the model."""
+    found = [m for _, m in model.named_modules() if isinstance(m, LocalExperts)]
+    found.sort(key=lambda m: _model_order(m.layer.path))
+    return [ExpertLoad(m.layer.path, m.counter.collect(), m.layer.owner()) for m in found]
 
 
 class Absent(nn.Module):
@@ -214,18 +274,21 @@ class ExpertParallelBlock(nn.Module):
         return comm.all_sum(self.block(*args, **kwargs), self.group)
 
 
-def copy_rows(name: str, array: mx.array, lo: int, hi: int) -> mx.array:
-    """Rows [lo, hi) of an in-memory array as an array of their own: a plain
+def copy_rows(name: str, array: mx.array, rows: List[int]) -> mx.array:
+    """Rows `rows` of an in-memory array as an array of their own: a plain
     slice would keep the whole tensor alive."""
-    rows = array[lo:hi]
-    mx.eval(rows)
-    return mx.array(rows)
+    if rows == list(range(rows[0], rows[0] + len(rows))):
+        out = array[rows[0] : rows[0] + len(rows)]
+    else:
+        out = array[mx.array(rows)]
+    mx.eval(out)
+    return mx.array(out)
 
 
 class ExpertParallel(Strategy):
     name = "expert"
 
-    def detect(self, model, group, expert_weights=None, **_) -> ShardingPlan:
+    def detect(self, model, group, expert_weights=None, placement=None, **_) -> ShardingPlan:
         size, rank = group.size(), group.rank()
         blocks = find_moe_blocks(model)
         if not blocks and any(isinstance(m, _SWITCH_LINEARS) for _, m in model.named_modules()):
@@ -248,6 +311,11 @@ class ExpertParallel(Strategy):
             prefix = layers_path(model)
         except PlanError:
             prefix = None  # no layer list: the blocks are planned all the same
+        placement = placement or {}
+        unknown = sorted(set(placement) - {p for p, _, _ in blocks})
+        if unknown:
+            raise PlanError(f"the placement names blocks this model does not have: {unknown[:3]}; "
+                            "was it made for another model?")
         layers = []
         for path, info, handler in blocks:
             if info.num_experts < size:
@@ -255,7 +323,16 @@ class ExpertParallel(Strategy):
                     f"{path} has {info.num_experts} experts but there are {size} ranks; "
                     f"use at most {info.num_experts} ranks or strategy='pipeline'"
                 )
-            ranges = split_evenly(info.num_experts, weights)
+            order = None
+            if path in placement:
+                per_rank = validate(placement, path, info.num_experts, size)
+                order = [e for r in per_rank for e in r]
+                ranges, lo = [], 0
+                for r in per_rank:
+                    ranges.append((lo, lo + len(r)))
+                    lo += len(r)
+            else:
+                ranges = split_evenly(info.num_experts, weights)
             # The rank with the fewest experts has the most room for the shared
             # ones (and adds whatever else a block must count once).
             shared_rank = min(range(size), key=lambda r: (ranges[r][1] - ranges[r][0], -r))
@@ -271,6 +348,7 @@ class ExpertParallel(Strategy):
                     shared_rank=shared_rank,
                     ranges=ranges,
                     handler=handler.name,
+                    order=order,
                 )
             )
         moe_idx = {l.index for l in layers}
@@ -288,24 +366,24 @@ class ExpertParallel(Strategy):
 
     def apply(self, model, plan, group, read_rows: Callable = copy_rows) -> None:
         """Keep this rank's experts, drop the rest, wrap each block for the
-        combine. `read_rows(name, array, lo, hi)` materializes rows of a
+        combine. `read_rows(name, array, rows)` materializes rows of a
         stacked parameter (the loader reads them straight from the file)."""
         info = dict((p, (i, h)) for p, i, h in find_moe_blocks(model))
         local_bytes = total_bytes = 0
         for layer in plan.moe_layers:
             block = module_at(model, layer.path)
             moe, handler = info[layer.path]
-            lo, hi = plan.local_range(layer)
+            rows_here = layer.experts_of(plan.rank)
             container = block[moe.experts]
             prefix = f"{layer.path}.{moe.experts}."
             rows = []
             for name, p in tree_flatten(container.parameters()):
                 total_bytes += p.nbytes
-                local = read_rows(prefix + name, p, lo, hi)
+                local = read_rows(prefix + name, p, rows_here)
                 local_bytes += local.nbytes
                 rows.append((name, local))
             container.update(tree_unflatten(rows))
-            setattr(block, moe.experts, LocalExperts(container, lo, hi))
+            setattr(block, moe.experts, LocalExperts(container, layer, plan.rank))
             sharded = handler.shard(block, moe, layer.shared_rank == plan.rank, group)
             replace_module(model, layer.path, sharded)
         plan.param_bytes = {"experts_local": local_bytes, "experts_total": total_bytes}

@@ -9,6 +9,7 @@ from mlx_lm import stream_generate
 
 from . import comm
 from .loader import load_sharded
+from .placement import resolve
 
 
 def main(argv=None):
@@ -18,11 +19,14 @@ def main(argv=None):
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--strategy", default="auto")
     p.add_argument("--max-collective-bytes", type=int, default=None)
+    p.add_argument("--placement", default="contiguous")
+    p.add_argument("--expert-load", default=None)
     p.add_argument("--raw", action="store_true", help="do not apply the chat template")
     args = p.parse_args(argv)
 
     group = mx.distributed.init()
-    model, tokenizer = load_sharded(args.model, group, args.strategy,
+    placement = resolve(args.placement, args.expert_load, group.size())
+    model, tokenizer = load_sharded(args.model, group, args.strategy, placement=placement,
                                     max_collective_bytes=args.max_collective_bytes)
     rank = group.rank()
     if rank == 0:

@@ -8,7 +8,7 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -20,7 +20,8 @@ from . import comm
 from .checkpoint import Checkpoint
 from .cores import pin_local_rank, restore_priority
 from .expert import copy_rows
-from .plan import ShardingPlan, get_strategy, plan as make_plan
+from .placement import read_placement
+from .plan import ShardingPlan, experts_text, get_strategy, plan as make_plan
 
 # Everything but the weights: enough to build the model and plan it.
 METADATA_PATTERNS = ["*.json", "*.py", "tokenizer.model", "*.tiktoken", "*.txt", "*.jsonl", "*.jinja"]
@@ -105,8 +106,9 @@ def check_same_checkpoint(path: Path, group) -> None:
 
 def _share(plan: ShardingPlan) -> str:
     if plan.strategy == "expert":
-        lo, hi = plan.local_range(plan.moe_layers[0])
-        return f"experts {lo}-{hi - 1} of {plan.moe_layers[0].num_experts} in {len(plan.moe_layers)} MoE layers"
+        first = plan.moe_layers[0]
+        return (f"experts {experts_text(first.experts_of(plan.rank))} of {first.num_experts} "
+                f"in {len(plan.moe_layers)} MoE layers")
     lo, hi = plan.layers[0].ranges[plan.rank]
     return f"layers {lo}-{hi - 1} of {len(plan.layers)}"
 
@@ -122,6 +124,7 @@ def load_sharded(
     *,
     expert_weights: Optional[Sequence[float]] = None,
     layer_weights: Optional[Sequence[float]] = None,
+    placement: Union[None, str, Path, dict] = None,
     max_collective_bytes: Optional[int] = None,
     revision: Optional[str] = None,
 ):
@@ -131,6 +134,9 @@ def load_sharded(
     strategy: "auto" (expert parallel for MoE models, pipeline otherwise),
     "expert" or "pipeline". expert_weights / layer_weights: one positive
     number per rank, its share of experts / layers (default even).
+    placement: which experts each rank holds, per MoE block ({path: [[ids
+    of rank 0], ...]} or a placement file, see mlx_moe.placement); blocks
+    it does not name get contiguous ranges.
     max_collective_bytes: the largest message any collective may send.
 
     Returns `(model, tokenizer)`; `model` is a drop-in mlx-lm model whose
@@ -143,7 +149,9 @@ def load_sharded(
         get_strategy(strategy)  # an unknown name fails before any work
     if max_collective_bytes is not None:
         comm.set_max_message_bytes(max_collective_bytes)
-    options = dict(expert_weights=expert_weights, layer_weights=layer_weights)
+    if isinstance(placement, (str, Path)):
+        placement = read_placement(placement)
+    options = dict(expert_weights=expert_weights, layer_weights=layer_weights, placement=placement)
     if size > 1:
         restore_priority()
         pin_local_rank(rank)
@@ -175,17 +183,17 @@ def load_sharded(
     moe_paths = [l.path for l in plan.moe_layers]
     done = set()
 
-    def read_rows(name, array, lo, hi):
+    def read_rows(name, array, rows):
         # Progress about every quarter of the MoE layers.
         layer = next((p for p in moe_paths if name.startswith(p + ".")), None)
         if layer not in done:
             done.add(layer)
             if len(done) % max(1, len(moe_paths) // 4) == 0 or len(done) == len(moe_paths):
-                log(f"[rank {rank}/{size}] reading experts {lo}-{hi - 1}: MoE layer {len(done)}/"
+                log(f"[rank {rank}/{size}] reading {len(rows)} experts: MoE layer {len(done)}/"
                     f"{len(moe_paths)}, {ckpt.bytes_read / 2**20:.1f} MiB read")
-        rows = ckpt.read_rows(name, array, lo, hi)
+        out = ckpt.read_rows(name, array, rows)
         # A tensor that sanitize renamed or rebuilt is read whole, then copied.
-        return rows if rows is not None else copy_rows(name, array, lo, hi)
+        return out if out is not None else copy_rows(name, array, rows)
 
     get_strategy(plan.strategy).apply(model, plan, group, read_rows=read_rows)
     mx.eval(model.parameters())

@@ -31,6 +31,21 @@ class LayerPlan:
     shared_rank: Optional[int] = None
     ranges: List[Tuple[int, int]] = field(default_factory=list)  # experts [lo, hi) per rank
     handler: str = ""  # the registered block handler that detected it
+    # Expert ids in placed order when a placement moved them: rank r holds
+    # order[lo:hi] of its range. None: rank r holds experts lo..hi-1.
+    order: Optional[List[int]] = None
+
+    def experts_of(self, rank: int) -> List[int]:
+        lo, hi = self.ranges[rank]
+        return list(self.order[lo:hi]) if self.order else list(range(lo, hi))
+
+    def owner(self) -> List[int]:
+        """The rank holding each expert."""
+        out = [0] * self.num_experts
+        for r in range(len(self.ranges)):
+            for e in self.experts_of(r):
+                out[e] = r
+        return out
 
 
 @dataclass
@@ -46,9 +61,6 @@ class ShardingPlan:
     def moe_layers(self) -> List[LayerPlan]:
         return [l for l in self.layers if l.kind == "moe"]
 
-    def local_range(self, layer: LayerPlan) -> Tuple[int, int]:
-        return layer.ranges[self.rank]
-
     def __str__(self) -> str:
         w = max([24] + [len(l.path) for l in self.layers])  # the block column
         lines = [
@@ -59,8 +71,8 @@ class ShardingPlan:
         for l in self.layers:
             if l.kind == "moe":
                 cells = []
-                for r, (lo, hi) in enumerate(l.ranges):
-                    cell = f"{lo}-{hi - 1}" if hi > lo else "-"
+                for r in range(len(l.ranges)):
+                    cell = experts_text(l.experts_of(r))
                     if l.shared and l.shared_rank == r:
                         cell += "+sh"
                     cells.append(f"{cell:<13}")
@@ -77,6 +89,15 @@ class ShardingPlan:
                 + ", ".join(f"{k} {v / 2**20:.2f} MiB" for k, v in self.param_bytes.items())
             )
         return "\n".join(lines)
+
+
+def experts_text(ids: List[int]) -> str:
+    """"4-7" for a contiguous run, else the count ("32 placed")."""
+    if not ids:
+        return "-"
+    if ids == list(range(ids[0], ids[0] + len(ids))):
+        return f"{ids[0]}-{ids[-1]}"
+    return f"{len(ids)} placed"
 
 
 class Strategy:

@@ -31,7 +31,7 @@ class LocalGroup:
 
 
 def shard_in_process(
-    model: nn.Module, size: int, expert_weights: Optional[Sequence[float]] = None
+    model: nn.Module, size: int, expert_weights: Optional[Sequence[float]] = None, placement=None
 ) -> List[Tuple[nn.Module, ShardingPlan]]:
     """The model as each of `size` ranks holds it under expert parallel
     (deep copies; `model` is left as it is)."""
@@ -39,7 +39,7 @@ def shard_in_process(
     for rank in range(size):
         m = copy.deepcopy(model)
         group = LocalGroup(size, rank)
-        p = plan(m, group, "expert", expert_weights=expert_weights)
+        p = plan(m, group, "expert", expert_weights=expert_weights, placement=placement)
         get_strategy("expert").apply(m, p, group, read_rows=copy_rows)
         shards.append((m, p))
     return shards
@@ -61,12 +61,12 @@ class SummedRanks(nn.Module):
 
 
 def combined(
-    model: nn.Module, size: int, expert_weights: Optional[Sequence[float]] = None
+    model: nn.Module, size: int, expert_weights: Optional[Sequence[float]] = None, placement=None
 ) -> Tuple[nn.Module, ShardingPlan]:
     """Rank 0's shard with each combine point summing the partial outputs of
     all `size` ranks: a single-process model computing what the ranks
     compute together. Returns it with rank 0's plan."""
-    shards = shard_in_process(model, size, expert_weights)
+    shards = shard_in_process(model, size, expert_weights, placement)
     first = shards[0][0]
     points = [p for p, m in first.named_modules() if isinstance(m, ExpertParallelBlock)]
     for path in points:

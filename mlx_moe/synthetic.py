@@ -669,13 +669,33 @@ def _rescale(model, hidden, vocab, num_experts):
     mx.eval(model.parameters())
 
 
-def _write(path, config, quantize, seed, hidden, vocab, num_experts):
+def _skew_routers(model, hidden, num_experts, skew):
+    """Make low expert ids popular: every embedding gets a constant first
+    feature, which the residual stream carries through the layers, and each
+    router reads it with a weight falling from +skew to -skew over the
+    experts, a bias toward the first ones at every layer."""
+    flat = tree_flatten(model.parameters())
+    params = []
+    for name, p in flat:
+        if isinstance(p, mx.array) and p.ndim == 2 and name.endswith("embed_tokens.weight"):
+            p = p.at[:, 0].add(-p[:, 0] + 3 * p.std())
+        elif num_experts and _is_router(name, p, hidden, num_experts):
+            profile = mx.linspace(skew, -skew, p.shape[0]) * p.std() * hidden**0.5
+            p = p.at[:, 0].add(-p[:, 0] + profile)
+        params.append((name, p))
+    model.update(tree_unflatten(params))
+    mx.eval(model.parameters())
+
+
+def _write(path, config, quantize, seed, hidden, vocab, num_experts, router_skew=0.0):
     from mlx_lm.utils import _get_classes, quantize_model, save_config, save_model
 
     model_class, args_class = _get_classes(config)
     mx.random.seed(seed)  # before construction: the init draws the weights
     model = model_class(args_class.from_dict(config))
     _rescale(model, hidden, vocab, num_experts)
+    if router_skew:
+        _skew_routers(model, hidden, num_experts, router_skew)
     if quantize == 4:
         # quantize_model prints a bits-per-weight line; keep stdout for the CLI.
         with contextlib.redirect_stdout(sys.stderr):
@@ -704,12 +724,14 @@ def synthesize(
     seed=0,
     vocab=None,
     overrides=None,
+    router_skew=0.0,
 ) -> Path:
     """Write (or reuse) a synthetic checkpoint at `path` and return the path.
 
     `quantize` is None (float32) or 4 (4-bit affine, group size 32, via
     mlx-lm's own quantization). `vocab` is the BPE target size (default 512);
-    `overrides` updates the generated config last.
+    `overrides` updates the generated config last. `router_skew` > 0
+    makes the routers favour low expert ids (to study expert placement).
     """
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; choose from {sorted(ARCHS)}")
@@ -731,6 +753,8 @@ def synthesize(
         "vocab": vocab,
         "overrides": overrides or {},
     }
+    if router_skew:
+        meta["router_skew"] = router_skew
     # Round-trip through JSON so the comparison with the stored file is exact.
     meta = json.loads(json.dumps(meta))
     if _is_complete(path, meta):
@@ -750,7 +774,7 @@ def synthesize(
         config["eos_token_id"] = tok.token_to_id(EOS_TOKEN)
         config.update(overrides or {})
         num_experts = 0 if arch in DENSE_ARCHS else experts
-        _write(tmp, config, quantize, seed, hidden, tok.get_vocab_size(), num_experts)
+        _write(tmp, config, quantize, seed, hidden, tok.get_vocab_size(), num_experts, router_skew)
         (tmp / "synthetic.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
         # A process racing on the same path may have finished meanwhile: keep
         # its identical checkpoint rather than pull it from under its readers.

@@ -1,6 +1,8 @@
 """Expert parallel on real ranks (ring over 127.0.0.1) against the
 single-process mlx-lm model: logits, greedy text, memory, collectives."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -60,3 +62,39 @@ def test_expert_parallel_matches_single_process(models, ranks, tmp_path):
         assert ranges[0][0] == 0 and all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
         if ranks == 3:
             assert len({hi - lo for lo, hi in ranges}) == 2, f"expected an uneven split, got {ranges}"
+
+
+def test_placed_experts_match_single_process(models, tmp_path):
+    """A placement file moves experts between ranks; output is unchanged."""
+    from mlx_moe.placement import write_placement
+
+    rng = np.random.RandomState(1)
+    inputs = [[int(rng.randint(512))], rng.randint(0, 512, LONG).tolist()]
+    prompt = oracle.chat_prompt(models[0][0])
+    runs = []
+    for i, (path, _) in enumerate(models):
+        n = 8 if i == 0 else 10
+        ids = rng.permutation(n).tolist()
+        # Odd-sized shares on purpose: rank 0 holds 3 experts, rank 1 the rest.
+        placement = {f"model.layers.{l}.mlp": [sorted(ids[:3]), sorted(ids[3:])] for l in range(4)}
+        write_placement(placement, tmp_path / f"placement{i}.json")
+        runs.append({"checkpoint": str(path), "strategy": "expert", "inputs": inputs, "prompt": prompt,
+                     "max_tokens": MAX_TOKENS, "placement": str(tmp_path / f"placement{i}.json")})
+    outs = launch("sharded_worker", {"runs": runs}, 2, tmp_path)
+    for i, (path, bits) in enumerate(models):
+        placement = runs[i]["placement"]
+        want = [oracle.last_logits(path, ids) for ids in inputs]
+        text = oracle.greedy_text(path, prompt, MAX_TOKENS)
+        for rank, out in enumerate(outs):
+            r = out[i]
+            for got, ref in zip(r["logits"], want):
+                assert oracle.max_diff(got, ref) <= TOLERANCE[bits], (rank, bits)
+            assert r["text"] == text
+            held = [sorted(e) for e in r["experts"]]
+            assert held == [json.loads(open(placement).read())["layers"][f"model.layers.{l}.mlp"][rank]
+                            for l in range(4)]
+            # The permutation really moved experts: rank 0's are not one run.
+            assert any(h != list(range(h[0], h[0] + len(h))) for h in held)
+            single_total, experts_total = oracle.param_bytes(path)
+            bound = (single_total - experts_total + experts_total * len(held[0]) / (8 if i == 0 else 10)) * 1.02
+            assert r["param_bytes"]["total"] <= bound, (rank, r["param_bytes"], bound)

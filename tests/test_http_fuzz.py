@@ -29,6 +29,7 @@ class InstantEngine:
         self.open_responses = 0
         self.notice, self.noticed = None, threading.Event()
         self.group = type("G", (), {"size": lambda self: 2})()
+        self.expert_load = []
 
     def stalled_for(self):
         return 0.0

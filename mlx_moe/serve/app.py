@@ -10,11 +10,13 @@ from typing import List, Literal, Optional, Union
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .engine import Engine, Job
+from .metrics import CountRequests, Metrics
 
 DEFAULT_MAX_TOKENS = 512
 
@@ -133,6 +135,8 @@ def create_app(engine: Engine, model_id: str, context_length: int, plan_text: st
                 return JSONResponse(error_body("Missing or wrong API key (Authorization: Bearer ...).",
                                                code="invalid_api_key"), status_code=401)
         return await call_next(request)
+    metrics = Metrics(engine)
+    app.add_middleware(CountRequests, metrics=metrics)  # outermost: counts 401 and 413 too
     names = {model_id, Path(model_id).name}
     created = int(time.time())
 
@@ -176,6 +180,10 @@ def create_app(engine: Engine, model_id: str, context_length: int, plan_text: st
         engine.noticed.set()
         return {"ok": True}
 
+    @app.get("/metrics")
+    def prometheus_metrics():  # not async: rendering runs off the event loop
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_PLAIN_0_0_4)
+
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [
@@ -203,7 +211,7 @@ def create_app(engine: Engine, model_id: str, context_length: int, plan_text: st
         """Submit the job and yield its events as they come."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        job.emit = lambda event: loop.call_soon_threadsafe(events.put_nowait, event)
+        job.emit = metrics.track(lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
         engine.open_responses += 1
         counted = True
         try:
@@ -287,4 +295,5 @@ def create_app(engine: Engine, model_id: str, context_length: int, plan_text: st
         out = respond(req, prepare(req, encode(tokenizer, req.prompt)), "text")
         return await out if not req.stream else out
 
+    metrics.paths = {route.path for route in app.routes}
     return app

@@ -24,6 +24,7 @@ from mlx_lm import stream_generate
 from mlx_lm.sample_utils import make_sampler
 
 from .. import comm
+from ..expert import expert_loads
 from ..loader import log
 
 
@@ -89,6 +90,7 @@ class StopMatcher:
 
 
 NOTICE_WAIT = 3.0
+LOAD_REFRESH = 1.0  # seconds between expert-load snapshots while jobs are queued
 
 
 def clear_cache_without_gil(clear_cache=mx.clear_cache):
@@ -127,6 +129,8 @@ class Engine:
         self.failure: Optional[str] = None  # set once the cluster is lost
         self.notice: Optional[str] = None  # why, when the launcher knows (a rank exited)
         self.noticed = threading.Event()
+        self.expert_load = []  # ExpertLoad per MoE block, a recent snapshot (rank 0, for /metrics)
+        self._load_time = 0.0
         self.on_failure = lambda reason: os._exit(3)
         self._progress = time.monotonic()
         self._waiting = False  # inside a collective or a generation
@@ -188,6 +192,7 @@ class Engine:
         if not getattr(mx.clear_cache, "without_gil", False):
             mx.clear_cache = clear_cache_without_gil()
         threading.Thread(target=self._watch, daemon=True, name="watchdog").start()
+        self._snapshot_load()
         self.ready.set()
         while True:
             job = spec = None
@@ -208,6 +213,7 @@ class Engine:
                 self.current = job
                 try:
                     self._generate(spec, job)
+                    self._snapshot_load()
                 except Exception as e:
                     if lost_peer(e):
                         self.fail_with_notice(f"lost the cluster ({e})")
@@ -216,6 +222,14 @@ class Engine:
                 self.current = None
             # Other ranks keep waiting on rank 0; rank 0 now waits on its queue.
             self._waiting = self.rank != 0
+
+    def _snapshot_load(self) -> None:
+        # On the engine thread, because counting evaluates MLX arrays; after
+        # the answer, so no client waits for it; while jobs are queued, at
+        # most every LOAD_REFRESH s (a large model takes milliseconds).
+        now = time.monotonic()
+        if self.rank == 0 and (self.jobs.empty() or now - self._load_time >= LOAD_REFRESH):
+            self.expert_load, self._load_time = expert_loads(self.model), now
 
     def _generate(self, spec: dict, job: Optional[Job]) -> None:
         emit = job.emit if job is not None else (lambda event: None)

@@ -16,6 +16,7 @@ import traceback
 import mlx.core as mx
 
 from ..loader import load_sharded, log
+from ..placement import resolve
 from .engine import Engine, lost_peer
 
 FLUSH_WAIT = 5.0  # seconds it gives open responses to deliver their error
@@ -58,6 +59,8 @@ def serve(argv=None):
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--strategy", default="auto")
     p.add_argument("--max-collective-bytes", type=int, default=None)
+    p.add_argument("--placement", default="contiguous")
+    p.add_argument("--expert-load", default=None)
     p.add_argument("--max-context", type=int, default=None)
     p.add_argument("--watchdog-timeout", type=float, default=60.0)
     p.add_argument("--heartbeat", type=float, default=5.0)
@@ -65,7 +68,8 @@ def serve(argv=None):
     args = p.parse_args(argv)
 
     group = mx.distributed.init()
-    model, tokenizer = load_sharded(args.model, group, args.strategy,
+    placement = resolve(args.placement, args.expert_load, group.size())
+    model, tokenizer = load_sharded(args.model, group, args.strategy, placement=placement,
                                     max_collective_bytes=args.max_collective_bytes)
     engine = Engine(model, tokenizer, group, heartbeat=args.heartbeat, watchdog=args.watchdog_timeout)
     if group.rank() == 0:

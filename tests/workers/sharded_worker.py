@@ -26,7 +26,7 @@ for run in spec["runs"]:
     model, tokenizer = mlx_moe.load_sharded(
         run["checkpoint"], group, run.get("strategy", "auto"),
         expert_weights=run.get("expert_weights"), layer_weights=run.get("layer_weights"),
-        max_collective_bytes=run.get("max_collective_bytes"))
+        placement=run.get("placement"), max_collective_bytes=run.get("max_collective_bytes"))
     gc.collect()
     mx.clear_cache()
     plan = model.sharding_plan
@@ -37,6 +37,7 @@ for run in spec["runs"]:
         "strategy": plan.strategy,
         "plan": str(plan),
         "ranges": [l.ranges for l in plan.layers if l.ranges],
+        "experts": [l.experts_of(group.rank()) for l in plan.moe_layers],
         "moe_layers": len(plan.moe_layers),
         "logits": [], "collectives": [], "messages": [], "max_message_bytes": [],
         "decode_collectives": [],

@@ -1,0 +1,734 @@
+"""`mlx-moe plan`: where a checkpoint's bytes go on each host, whether
+they fit, and how fast decode will be, from config.json and the
+safetensors headers alone (docs/PLAN.md has the model and its sources).
+
+The strategy comes from the loader's own code: the mlx-lm model is built
+lazily from the config (its arrays are never evaluated, so it costs no
+memory) and handed to `mlx_moe.plan.plan` with a stand-in group. Bytes
+come from the headers; ops per token from tracing one lazy decode step.
+
+Decode time per token, per strategy:
+    sum over synchronised segments of the slowest host's
+        (weight + KV bytes read) / bandwidth + ops x op_us + host syncs x sync_us
+    + per collective: link latency x rounds + message bytes / link bandwidth
+                      + jitter x sqrt(compute since the previous collective)
+"""
+
+import json
+import math
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from .expert import find_moe_blocks
+from .headers import DTYPE_BYTES, CheckpointInfo
+from .plan import PlanError, layers_path, plan
+from .simulate import LocalGroup
+
+PROFILES_FILE = Path(__file__).with_name("profiles.json")
+GB = 1e9
+
+# Kernel ops the expert-parallel layer adds per MoE layer over the plain
+# block (mlx_moe/expert.py LocalExperts, counted from its code, views
+# excluded): the gathered path (CPU) sorts, counts, gathers and scatters
+# back the local pairs and syncs once with the host; the masked path (GPU
+# decode) compares and selects. Both count the routed pairs, and all_sum.
+EP_GATHER_OPS = 18
+EP_MASK_OPS = 8
+
+
+@dataclass
+class Chip:
+    name: str
+    bandwidth_GBps: float  # weight bytes read per second by a decode step
+    op_us: float  # fixed cost of one op that runs a kernel
+    sync_us: float  # one host sync (read a value back mid-step)
+    memory_GB: float
+    usable_fraction: float
+    gpu: bool
+    source: str
+    # KV cache bytes read per second by attention; None: bandwidth_GBps.
+    # Differs on a CPU, where dequantizing weights, not memory, is the bound.
+    kv_bandwidth_GBps: Optional[float] = None
+
+
+@dataclass
+class Link:
+    name: str
+    latency_us: float
+    bandwidth_GBps: float
+    allreduce: str  # "ring" | "mesh"
+    source: str
+    # A collective also waits for the slower rank: segment times drift
+    # apart like a random walk, so the wait grows with the square root of
+    # the compute since the previous collective; this is the wait after
+    # 1 ms. Measured for the loopback ring, where ranks sharing the cores
+    # also slow each other while one spins; 0 (unmeasured) between machines.
+    jitter_us: float = 0.0
+
+    def wait_s(self, segment_s: float) -> float:
+        return self.jitter_us * 1e-6 * math.sqrt(max(segment_s, 0.0) * 1e3)
+
+    def all_sum_s(self, n: int, nbytes: int) -> float:
+        """One all_sum of `nbytes` over `n` hosts: a ring pays a latency
+        per step and moves 2(n-1)/n of the message; a full mesh sends to
+        every peer at once."""
+        if n < 2:
+            return 0.0
+        if self.allreduce == "mesh":
+            return self.latency_us * 1e-6 + nbytes / (self.bandwidth_GBps * GB)
+        return (n - 1) * self.latency_us * 1e-6 + 2 * (n - 1) / n * nbytes / (self.bandwidth_GBps * GB)
+
+    def send_s(self, nbytes: int) -> float:
+        return self.latency_us * 1e-6 + nbytes / (self.bandwidth_GBps * GB)
+
+
+def load_profiles(path: Path = PROFILES_FILE) -> Tuple[Dict[str, Chip], Dict[str, Link]]:
+    data = json.loads(Path(path).read_text())
+    chips = {k: Chip(k, **v) for k, v in data["chips"].items()}
+    links = {k: Link(k, **v) for k, v in data["links"].items()}
+    return chips, links
+
+
+# ---------------------------------------------------------------- the model
+
+
+_MX_DTYPES = {"BF16": mx.bfloat16, "F16": mx.float16, "F32": mx.float32, "U32": mx.uint32,
+              "U8": mx.uint8, "I32": mx.int32, "I8": mx.int8, "U16": mx.uint16}
+
+
+class _Stub:
+    """What mlx-lm's quantization inference reads of a weight: its shape and dtype."""
+
+    def __init__(self, t):
+        self.shape, self.dtype = t.shape, _MX_DTYPES.get(t.dtype, mx.float32)
+
+
+def build_model(info: CheckpointInfo) -> nn.Module:
+    """The mlx-lm model of `info`, built the way mlx-lm's loader builds it
+    (quantized per config.json and the headers) but never evaluated: its
+    arrays stay unevaluated random-init graphs that hold no memory."""
+    from mlx_lm.utils import _get_classes, infer_quant_config
+
+    config = dict(info.config)
+    if config.get("model_file"):
+        raise PlanError(f"{info.source} builds its model from custom code ({config['model_file']}); "
+                        "mlx-moe plan does not run it")
+    try:
+        model_class, args_class = _get_classes(config)
+    except ValueError as e:
+        raise PlanError(f"mlx-lm cannot build {config.get('model_type')!r}: {e}") from e
+    model = model_class(args_class.from_dict(config))
+    quantization = config.get("quantization")
+    if quantization:
+        stubs = {k: _Stub(t) for k, t in info.tensors.items()}
+
+        def predicate(path, module):
+            if path in quantization:
+                return quantization[path]
+            if not hasattr(module, "to_quantized") or f"{path}.scales" not in stubs:
+                return False
+            return infer_quant_config(path, module, stubs)
+
+        nn.quantize(model, group_size=quantization["group_size"], bits=quantization["bits"],
+                    mode=quantization.get("mode", "affine"), class_predicate=predicate)
+    return model
+
+
+# Primitives that make a view of their input: no kernel runs for them.
+VIEW_OPS = {"Broadcast", "Reshape", "ExpandDims", "Squeeze", "Transpose", "Slice", "StopGradient",
+            "Flatten", "Unflatten", "AsStrided"}
+
+
+def _count_ops(*arrays) -> int:
+    """Ops that run a kernel in the graph that computes `arrays`."""
+    with tempfile.NamedTemporaryFile(suffix=".dot") as f:
+        mx.export_to_dot(f.name, *arrays)
+        labels = re.findall(r'\[label ="(\w+)', Path(f.name).read_text())
+    return sum(label not in VIEW_OPS for label in labels)
+
+
+@dataclass
+class KVLayer:
+    per_token: int  # bytes per token of context
+    cap: Optional[int]  # tokens kept (a sliding window); None: all
+    fixed: int  # bytes that do not grow with context (recurrent state)
+    heads: int  # KV heads: tensor parallel splits them, a latent (MLA) cache has 1
+
+    def at(self, tokens: int) -> int:
+        return self.per_token * (tokens if self.cap is None else min(tokens, self.cap)) + self.fixed
+
+
+# Kernel ops per layer of the traced models (Qwen3-235B 89, DeepSeek-V3
+# 102): the estimate for a model whose decode step cannot be traced.
+OPS_PER_LAYER = 90
+
+
+def _untraced(config: dict, layers: int, act_bytes: int) -> Tuple[int, List["KVLayer"]]:
+    heads = config.get("num_key_value_heads") or config.get("num_attention_heads") or 1
+    head_dim = config.get("head_dim") or (config.get("hidden_size") or 0) // (config.get("num_attention_heads") or 1)
+    return OPS_PER_LAYER * layers, [KVLayer(2 * heads * head_dim * act_bytes, None, 0, heads)] * layers
+
+
+def _flat_caches(cache) -> list:
+    out = []
+    for c in cache:
+        out += _flat_caches(c.caches) if hasattr(c, "caches") else [c]
+    return out
+
+
+def trace_decode(model: nn.Module, act_bytes: int) -> Tuple[int, List[KVLayer]]:
+    """Ops of one decode step and what each layer's cache stores per token,
+    from one lazy forward pass: graphs and shapes only, nothing evaluated."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    params = [p for _, p in tree_flatten(model.parameters())]
+    cache = make_prompt_cache(model)
+    states = lambda: [a for c in _flat_caches(cache) for a in tree_flatten(c.state) if isinstance(a, mx.array)]
+    first = [model(mx.array([[0]]), cache=cache), *states()]
+    second = [model(mx.array([[0]]), cache=cache), *states()]
+    # The second step's graph minus everything before it (the weights' init, the first step).
+    ops = _count_ops(*params, *first, *second) - _count_ops(*params, *first)
+    kv = []
+    for per_layer in cache:
+        layer = KVLayer(0, None, 0, 1)
+        for c in _flat_caches([per_layer]):
+            keys, values = getattr(c, "keys", None), getattr(c, "values", None)
+            if isinstance(keys, mx.array) and isinstance(values, mx.array):
+                layer.per_token += (keys.size + values.size) // keys.shape[2] * act_bytes
+                cap = getattr(c, "max_size", None) or getattr(c, "chunk_size", None)
+                layer.cap = cap if isinstance(cap, int) else None
+                layer.heads = keys.shape[1]
+            else:
+                layer.fixed += sum(a.size for a in tree_flatten(c.state) if isinstance(a, mx.array)) * act_bytes
+        kv.append(layer)
+    return ops, kv
+
+
+# ------------------------------------------------------------- the bytes
+
+
+@dataclass
+class LayerBytes:
+    dense: int = 0  # read whole per token by whoever holds the layer
+    tp_whole: int = 0  # the part of `dense` mlx-lm's tensor parallel keeps whole (norms, router, MLA down-projections)
+    shared: int = 0  # shared experts: one host holds them under expert parallel
+    experts: int = 0  # every routed expert of the layer
+    num_experts: int = 0
+    top_k: int = 0
+    block: str = ""  # the MoE block's module path
+
+    @property
+    def per_expert(self) -> float:
+        return self.experts / self.num_experts if self.num_experts else 0.0
+
+    @property
+    def active(self) -> float:
+        """Bytes one token reads in a single process."""
+        return self.dense + self.shared + self.top_k * self.per_expert
+
+    @property
+    def total(self) -> int:
+        return self.dense + self.shared + self.experts
+
+
+@dataclass
+class Inventory:
+    """A checkpoint's bytes by where they sit in the model."""
+
+    layers: List[LayerBytes]
+    embed: int = 0  # embedding tables
+    embed_row: int = 0  # what one token reads of them
+    tied: bool = False  # the embedding is also the output head
+    other: int = 0  # final norm, head, anything outside the layers
+    dropped: int = 0  # tensors the loader drops (layers past the model's, e.g. MTP)
+    notes: List[str] = field(default_factory=list)
+
+    @property
+    def replicated(self) -> int:
+        """What every host holds under expert parallel but the experts."""
+        return sum(l.dense for l in self.layers) + self.embed + self.other
+
+    @property
+    def outside_read(self) -> float:
+        """Bytes read per token outside the layers: head, norm, one embedding row."""
+        return self.other + (self.embed if self.tied else self.embed_row)
+
+    @property
+    def total(self) -> int:
+        return sum(l.total for l in self.layers) + self.embed + self.other
+
+
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+# Inside a layer, what mlx-lm's `shard()` leaves whole on every rank.
+_TP_WHOLE = re.compile(r"norm|\.gate\.|\.router\.|e_score_correction|q_a_proj|kv_a_proj")
+
+
+def inventory(info: CheckpointInfo, model: nn.Module, top_k_default: Optional[int] = None) -> Inventory:
+    prefix = layers_path(model)
+    n_layers = len(model.layers)
+    inv = Inventory([LayerBytes() for _ in range(n_layers)])
+    blocks = {}
+    for path, moe, _ in find_moe_blocks(model):
+        m = re.match(re.escape(prefix) + r"\.(\d+)\.", path + ".")
+        if m is None:
+            continue
+        layer = inv.layers[int(m.group(1))]
+        layer.block, layer.num_experts = path, moe.num_experts
+        layer.top_k = moe.top_k or top_k_default or moe.num_experts
+        if not (moe.top_k or top_k_default):
+            inv.notes.append(f"{path}: no top-k found; assumed every expert is active")
+        blocks[path] = (moe, layer)
+    embeddings = {p for p, m in model.named_modules() if isinstance(m, (nn.Embedding, nn.QuantizedEmbedding))}
+    inv.tied = not any(p.rsplit(".", 1)[-1] in ("lm_head", "output") for p, _ in model.named_modules())
+    for name, t in info.tensors.items():
+        owner = name.rsplit(".", 1)[0]
+        if owner in embeddings:
+            inv.embed += t.nbytes
+            inv.embed_row += t.nbytes // max(1, t.shape[0])
+            continue
+        m = re.match(re.escape(prefix) + r"\.(\d+)\.", name) or _LAYER.search(name)
+        if m is None:
+            inv.other += t.nbytes
+            continue
+        i = int(m.group(1))
+        if i >= n_layers:
+            inv.dropped += t.nbytes
+            continue
+        layer = inv.layers[i]
+        if layer.block and name.startswith(layer.block + "."):
+            moe, _ = blocks[layer.block]
+            rest = name[len(layer.block) + 1:]
+            stacked = rest.startswith((moe.experts + ".", "experts.")) and t.shape[:1] == (moe.num_experts,)
+            if stacked or re.match(r"experts\.\d+\.", rest):  # stacked, or one expert of an HF checkpoint
+                layer.experts += t.nbytes
+                continue
+            if any(rest.startswith(s + ".") for s in moe.shared):
+                layer.shared += t.nbytes
+                continue
+        layer.dense += t.nbytes
+        if _TP_WHOLE.search(name):
+            layer.tp_whole += t.nbytes
+    if inv.dropped:
+        inv.notes.append(f"{inv.dropped / GB:.2f} GB of tensors past the model's layers (e.g. MTP) are not loaded")
+    return inv
+
+
+def expected_max(counts: Sequence[int], k: int, cost: Callable[[int, int], float]) -> float:
+    """E[max over hosts h of cost(h, x_h)] when a token's k experts are
+    drawn uniformly without replacement from sum(counts) experts and host h
+    holds counts[h] of them (x_h: how many of the k it holds). Exact: a
+    dynamic program over hosts, keeping (experts drawn so far, max so far)."""
+    states = {(0, -math.inf): 1}
+    for h, n in enumerate(counts):
+        nxt: Dict[Tuple[int, float], int] = {}
+        for (j, worst), ways in states.items():
+            for x in range(min(n, k - j) + 1):
+                key = (j + x, max(worst, cost(h, x)))
+                nxt[key] = nxt.get(key, 0) + ways * math.comb(n, x)
+        states = nxt
+    total = math.comb(sum(counts), k)
+    return sum(ways * worst for (j, worst), ways in states.items() if j == k) / total
+
+
+# ------------------------------------------------------------ the estimate
+
+
+@dataclass
+class Host:
+    name: str
+    chip: Chip
+    memory_GB: float
+    usable_fraction: float
+
+    @property
+    def usable(self) -> float:
+        return self.memory_GB * GB * self.usable_fraction
+
+    def read_s(self, nbytes: float, kv: float = 0.0) -> float:
+        """Seconds to read `nbytes` of weights and `kv` bytes of KV cache."""
+        kv_rate = self.chip.kv_bandwidth_GBps or self.chip.bandwidth_GBps
+        return nbytes / (self.chip.bandwidth_GBps * GB) + kv / (kv_rate * GB)
+
+    def ops_s(self, ops: float, syncs: float = 0) -> float:
+        return ops * self.chip.op_us * 1e-6 + syncs * self.chip.sync_us * 1e-6
+
+
+@dataclass
+class Estimate:
+    strategy: str  # "expert" | "tensor" | "pipeline" | "single"
+    label: str
+    hosts: List[str]
+    weights: List[float] = field(default_factory=list)  # bytes each host holds
+    kv: List[float] = field(default_factory=list)  # KV cache bytes at the context
+    holds: List[str] = field(default_factory=list)  # what each host holds, in words
+    usable: List[float] = field(default_factory=list)
+    memory_s: float = 0.0
+    overhead_s: float = 0.0
+    comm_s: float = 0.0
+    collectives: int = 0
+    note: str = ""  # why it cannot run, if it cannot
+
+    @property
+    def runs(self) -> bool:
+        return not self.note
+
+    @property
+    def fits(self) -> List[bool]:
+        return [w + c <= u for w, c, u in zip(self.weights, self.kv, self.usable)]
+
+    @property
+    def seconds(self) -> float:
+        return self.memory_s + self.overhead_s + self.comm_s
+
+    @property
+    def tok_s(self) -> float:
+        return 1.0 / self.seconds if self.runs and self.seconds > 0 else 0.0
+
+    def to_json(self) -> dict:
+        return {"strategy": self.strategy, "label": self.label, "runs": self.runs, "note": self.note,
+                "fits": all(self.fits) if self.runs else False, "hosts": self.hosts,
+                "weights_bytes": self.weights, "kv_bytes": self.kv, "usable_bytes": self.usable,
+                "fits_per_host": self.fits, "holds": self.holds, "tok_s": self.tok_s,
+                "ms_per_token": self.seconds * 1e3, "memory_ms": self.memory_s * 1e3,
+                "overhead_ms": self.overhead_s * 1e3, "comm_ms": self.comm_s * 1e3,
+                "collectives_per_token": self.collectives}
+
+
+@dataclass
+class Model:
+    """Everything the estimates need, read once."""
+
+    info: CheckpointInfo
+    nn: nn.Module
+    inv: Inventory
+    ops: int  # per decode step, single process
+    kv: List[KVLayer]
+    act_bytes: int
+    hidden: int
+
+    @classmethod
+    def read(cls, info: CheckpointInfo) -> "Model":
+        model = build_model(info)
+        act_bytes = DTYPE_BYTES[info.activation_dtype()]
+        text = info.config.get("text_config", info.config)
+        top_k = next((text[k] for k in ("num_experts_per_tok", "moe_topk", "top_k") if isinstance(text.get(k), int)), None)
+        hidden = text.get("hidden_size") or info.config.get("hidden_size") or 0
+        inv = inventory(info, model, top_k)
+        try:
+            ops, kv = trace_decode(model, act_bytes)
+        except Exception as e:  # e.g. a model whose kernels exist only on Metal, traced on Linux
+            ops, kv = _untraced(text, len(inv.layers), act_bytes)
+            inv.notes.append(f"could not trace a decode step here ({type(e).__name__}: {str(e)[:80]}); "
+                             f"ops ({OPS_PER_LAYER} per layer) and KV cache (full attention) are estimated")
+        return cls(info, model, inv, ops, kv, act_bytes, hidden)
+
+    @property
+    def layer_ops(self) -> float:
+        return self.ops / max(1, len(self.inv.layers))
+
+    def kv_read(self, i: int, position: int) -> float:
+        return self.kv[i].at(position) if i < len(self.kv) else 0
+
+
+def _kv_total(m: Model, layers, context: int, split: Callable[[KVLayer], int] = lambda kv: 1) -> float:
+    return sum(m.kv[i].at(context) / split(m.kv[i]) for i in layers if i < len(m.kv))
+
+
+def estimate_single(m: Model, host: Host, context: int, position: int) -> Estimate:
+    e = Estimate("single", f"single ({host.name})", [host.name], usable=[host.usable])
+    e.weights = [m.inv.total]
+    e.kv = [_kv_total(m, range(len(m.inv.layers)), context)]
+    e.holds = ["everything"]
+    reads = sum(l.active for l in m.inv.layers) + m.inv.outside_read
+    e.memory_s = host.read_s(reads, sum(m.kv_read(i, position) for i in range(len(m.inv.layers))))
+    e.overhead_s = host.ops_s(m.ops)
+    return e
+
+
+def estimate_expert(m: Model, hosts: List[Host], link: Link, context: int, position: int,
+                    weights: Optional[List[float]] = None) -> Estimate:
+    n = len(hosts)
+    e = Estimate("expert", "expert parallel", [h.name for h in hosts], usable=[h.usable for h in hosts])
+    try:
+        p = plan(m.nn, LocalGroup(n), "expert", expert_weights=weights)
+    except PlanError as err:
+        e.note = str(err)
+        return e
+    moe = {l.path: l for l in p.moe_layers}
+    held = [m.inv.replicated] * n
+    counts_of = {}
+    for i, lb in enumerate(m.inv.layers):
+        if lb.block in moe:
+            lp = moe[lb.block]
+            counts_of[i] = [hi - lo for lo, hi in lp.ranges]
+            for h, c in enumerate(counts_of[i]):
+                held[h] += lb.experts * c / lb.num_experts + (lb.shared if lp.shared_rank == h else 0)
+    e.weights = held
+    e.kv = [_kv_total(m, range(len(m.inv.layers)), context)] * n
+    first = next(iter(moe.values()), None)
+    e.holds = [f"experts {first.ranges[h][0]}-{first.ranges[h][1] - 1} of each MoE layer"
+               + (" + shared" if first.shared and first.shared_rank == h else "") if first else "all"
+               for h in range(n)]
+    message = m.hidden * m.act_bytes
+    pending = max(h.read_s(m.inv.outside_read) for h in hosts)  # compute since the last collective
+    for i, lb in enumerate(m.inv.layers):
+        base = [h.read_s(lb.dense, m.kv_read(i, position)) for h in hosts]
+        over = [h.ops_s(m.layer_ops) for h in hosts]
+        if i not in counts_of:
+            t = max(b + o for b, o in zip(base, over))
+            e.overhead_s += max(over)
+            e.memory_s += t - max(over)
+            pending += t
+            continue
+        lp = moe[lb.block]
+        extra = [h.ops_s(EP_MASK_OPS) if h.chip.gpu else h.ops_s(EP_GATHER_OPS, syncs=1) for h in hosts]
+        fixed = [b + o + x + (h.read_s(lb.shared) if lp.shared_rank == r else 0)
+                 for r, (h, b, o, x) in enumerate(zip(hosts, base, over, extra))]
+        k = lb.top_k
+
+        def cost(r, x, lb=lb, fixed=fixed):
+            # The masked (GPU) path also reads local expert 0 whenever a pair is foreign.
+            experts = x + (1 if hosts[r].chip.gpu and x < k else 0)
+            return fixed[r] + hosts[r].read_s(experts * lb.per_expert)
+
+        t = expected_max(counts_of[i], k, cost)
+        o = max(a + b for a, b in zip(over, extra))
+        e.overhead_s += o
+        e.memory_s += t - o
+        e.comm_s += link.all_sum_s(n, message) + link.wait_s(pending + t)
+        e.collectives += 1
+        pending = 0.0
+    e.memory_s += max(h.read_s(m.inv.outside_read) for h in hosts)
+    return e
+
+
+def estimate_tensor(m: Model, hosts: List[Host], link: Link, context: int, position: int) -> Estimate:
+    """mlx-lm's `sharded_load(tensor_group=...)`: every layer's attention
+    heads and every expert's intermediate axis split evenly, two all_sums
+    per layer, embeddings and head whole on every host."""
+    n = len(hosts)
+    e = Estimate("tensor", "tensor parallel (mlx-lm)", [h.name for h in hosts], usable=[h.usable for h in hosts])
+    if not hasattr(m.nn, "shard"):
+        e.note = f"mlx-lm has no tensor parallel for {m.info.config.get('model_type')}"
+        return e
+    whole = sum(l.tp_whole for l in m.inv.layers) + m.inv.embed + m.inv.other
+    e.weights = [whole + (m.inv.total - whole) / n] * n
+    split = lambda kv: min(n, kv.heads)
+    e.kv = [_kv_total(m, range(len(m.inv.layers)), context, split)] * n
+    e.holds = [f"1/{n} of every layer"] * n
+    message = m.hidden * m.act_bytes
+    for i, lb in enumerate(m.inv.layers):
+        reads = lb.tp_whole + (lb.active - lb.tp_whole) / n
+        kv = m.kv_read(i, position) / split(m.kv[i]) if i < len(m.kv) else 0
+        over = [h.ops_s(m.layer_ops) for h in hosts]
+        t = max(h.read_s(reads, kv) + o for h, o in zip(hosts, over))
+        e.overhead_s += max(over)
+        e.memory_s += t - max(over)
+        # One all_sum after attention, one after the MLP: about half the layer each.
+        e.comm_s += 2 * (link.all_sum_s(n, message) + link.wait_s(t / 2))
+        e.collectives += 2
+    e.memory_s += max(h.read_s(m.inv.outside_read) for h in hosts)
+    return e
+
+
+def estimate_pipeline(m: Model, hosts: List[Host], link: Link, context: int, position: int,
+                      weights: Optional[List[float]] = None) -> Estimate:
+    """mlx-moe's (and mlx-lm's) pipeline: for one stream the stages run one
+    after another, then the last stage's output reaches every host."""
+    n = len(hosts)
+    e = Estimate("pipeline", "pipeline", [h.name for h in hosts], usable=[h.usable for h in hosts])
+    try:
+        p = plan(m.nn, LocalGroup(n), "pipeline", layer_weights=weights)
+    except PlanError as err:
+        e.note = str(err)
+        return e
+    ranges = p.layers[0].ranges
+    outside = m.inv.embed + m.inv.other  # every stage keeps embeddings, norm and head
+    e.weights = [outside + sum(m.inv.layers[i].total for i in range(lo, hi)) for lo, hi in ranges]
+    e.kv = [_kv_total(m, range(lo, hi), context) for lo, hi in ranges]
+    e.holds = [f"layers {lo}-{hi - 1}" for lo, hi in ranges]
+    stage_s = []
+    for h, (lo, hi) in zip(hosts, ranges):
+        memory = h.read_s(sum(m.inv.layers[i].active for i in range(lo, hi)),
+                          sum(m.kv_read(i, position) for i in range(lo, hi)))
+        overhead = h.ops_s(m.layer_ops * (hi - lo))
+        e.memory_s += memory
+        e.overhead_s += overhead
+        stage_s.append(memory + overhead)
+    e.memory_s += max(h.read_s(m.inv.outside_read) for h in hosts)
+    message = m.hidden * m.act_bytes
+    e.collectives = n if n > 1 else 0
+    if e.collectives:
+        # A send after each stage but the last, then the broadcast.
+        e.comm_s = (n - 1) * link.send_s(message) + link.all_sum_s(n, message)
+        e.comm_s += sum(link.wait_s(t) for t in stage_s)
+    return e
+
+
+@dataclass
+class Report:
+    model: Model
+    hosts: List[Host]
+    link: Link
+    context: int
+    position: int
+    auto: str  # the strategy load_sharded picks
+    reason: str
+    expert_weights: Optional[List[float]]
+    layer_weights: Optional[List[float]]
+    estimates: List[Estimate]
+
+    def chosen(self) -> Estimate:
+        return next((e for e in self.estimates if e.strategy == self.auto), self.estimates[-1])
+
+    def to_json(self) -> dict:
+        inv = self.model.inv
+        return {
+            "model": self.model.info.source, "model_type": self.model.info.config.get("model_type"),
+            "checkpoint_bytes": self.model.info.total_bytes, "loaded_bytes": inv.total,
+            "ops_per_token": self.model.ops, "hosts": [h.name for h in self.hosts],
+            "chips": [h.chip.name for h in self.hosts], "link": self.link.name, "context": self.context,
+            "decode_position": self.position, "strategy": self.auto, "reason": self.reason,
+            "expert_weights": self.expert_weights, "layer_weights": self.layer_weights,
+            "notes": inv.notes, "estimates": [e.to_json() for e in self.estimates],
+        }
+
+
+def _shares(hosts: List[Host], fixed: float) -> Optional[List[float]]:
+    """Even shares for equal hosts; else in proportion to the room each
+    has left after what every host holds anyway."""
+    room = [max(h.usable - fixed, 1.0) for h in hosts]
+    if len({round(r) for r in room}) == 1:
+        return None
+    return [round(r / max(room), 4) for r in room]
+
+
+def make_report(m: Model, hosts: List[Host], link: Link, context: int, position: int = 0) -> Report:
+    """What `mlx-moe plan` prints: the strategy auto picks, each host's
+    share, and the decode estimate of every strategy."""
+    config = m.info.config
+    limit = config.get("max_position_embeddings") or config.get("text_config", {}).get("max_position_embeddings")
+    context = min(context, limit) if limit else context
+    n = len(hosts)
+    kv_all = _kv_total(m, range(len(m.inv.layers)), context)
+    expert_weights = _shares(hosts, m.inv.replicated + kv_all)
+    layer_weights = _shares(hosts, m.inv.embed + m.inv.other)
+    if n == 1:
+        auto, reason = "single", "one host: the plain mlx-lm model"
+    else:
+        p = plan(m.nn, LocalGroup(n), "auto", expert_weights=expert_weights, layer_weights=layer_weights)
+        auto, reason = p.strategy, p.reason
+    estimates = [estimate_single(m, hosts[0], context, position)]
+    if n > 1:
+        estimates = [estimate_expert(m, hosts, link, context, position, expert_weights),
+                     estimate_tensor(m, hosts, link, context, position),
+                     estimate_pipeline(m, hosts, link, context, position, layer_weights)] + estimates
+    return Report(m, hosts, link, context, position, auto, reason, expert_weights, layer_weights, estimates)
+
+
+# ------------------------------------------------------------ the command
+
+
+def parse_bytes(text: str) -> float:
+    """'512G', '192GB', '1.5T', '96' (GB) -> GB."""
+    m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?)i?B?\s*", text, re.IGNORECASE)
+    if not m:
+        raise ValueError(f"cannot read memory size {text!r}; write e.g. 512G or 192GB")
+    scale = {"K": 1e-6, "M": 1e-3, "G": 1.0, "T": 1e3, "": 1.0}[m.group(2).upper()]
+    return float(m.group(1)) * scale
+
+
+def _per_host(value: Optional[str], n: int, what: str) -> Optional[List[str]]:
+    if value is None:
+        return None
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    if len(items) == 1:
+        return items * n
+    if len(items) != n:
+        raise ValueError(f"--{what} has {len(items)} entries for {n} hosts; give one, or one per host")
+    return items
+
+
+def make_hosts(hosts: str, chips: Optional[str], memory: Optional[str], usable: Optional[float],
+               profiles: Dict[str, Chip]) -> List[Host]:
+    names = [h.strip() for h in hosts.split(",") if h.strip()]
+    if len(names) == 1 and names[0].isdigit():
+        names = [f"host{i}" for i in range(int(names[0]))]
+    if not names:
+        raise ValueError("--hosts names no host")
+    chip_names = _per_host(chips, len(names), "chip") or ["m3-ultra"] * len(names)
+    unknown = sorted(set(chip_names) - set(profiles))
+    if unknown:
+        raise ValueError(f"unknown chip {unknown[0]!r}; known chips: {', '.join(profiles)}")
+    mems = _per_host(memory, len(names), "memory")
+    out = []
+    for i, (name, c) in enumerate(zip(names, chip_names)):
+        chip = profiles[c]
+        out.append(Host(name, chip, parse_bytes(mems[i]) if mems else chip.memory_GB,
+                        usable if usable is not None else chip.usable_fraction))
+    return out
+
+
+def _gb(x: float) -> str:
+    return f"{x / GB:.1f} GB"
+
+
+def format_report(r: Report) -> str:
+    m, inv = r.model, r.model.inv
+    cfg = m.info.config.get("text_config", m.info.config)
+    moe_layers = [l for l in inv.layers if l.num_experts]
+    shape = (f"{len(inv.layers)} layers, {len(moe_layers)} MoE ({moe_layers[0].num_experts} experts, "
+             f"top-{moe_layers[0].top_k})" if moe_layers else f"{len(inv.layers)} layers, dense")
+    lines = [
+        f"model: {m.info.source} ({m.info.config.get('model_type')}: {shape}, hidden {cfg.get('hidden_size')})",
+        f"checkpoint: {_gb(m.info.total_bytes)} in {len(m.info.tensors)} tensors (read from the headers); "
+        f"{_gb(inv.total)} loaded; {m.ops} ops per decode step",
+        f"hosts: " + ", ".join(f"{h.name} ({h.chip.name}, {h.memory_GB:g} GB, {h.usable_fraction:.0%} usable)"
+                                for h in r.hosts)
+        + (f"; link {r.link.name}" if len(r.hosts) > 1 else ""),
+        f"context: {r.context} tokens of KV cache per host budgeted; decode predicted at position {r.position}",
+        "",
+        f"strategy (auto): {r.auto} - {r.reason}",
+    ]
+    if r.expert_weights and r.auto == "expert":
+        lines.append(f"  uneven hosts: load_sharded(..., expert_weights={r.expert_weights})")
+    if r.layer_weights and r.auto == "pipeline":
+        lines.append(f"  uneven hosts: load_sharded(..., layer_weights={r.layer_weights})")
+    e = r.chosen()
+    lines.append(f"  {'host':<12} {'holds':<44} {'weights':>10} {'KV cache':>10} {'total':>10} {'usable':>10}  fits")
+    for i, h in enumerate(e.hosts):
+        lines.append(f"  {h:<12} {e.holds[i]:<44} {_gb(e.weights[i]):>10} {_gb(e.kv[i]):>10} "
+                     f"{_gb(e.weights[i] + e.kv[i]):>10} {_gb(e.usable[i]):>10}  "
+                     + ("yes" if e.fits[i] else f"NO: short by {_gb(e.weights[i] + e.kv[i] - e.usable[i])}"))
+    if not all(e.fits):
+        lines.append("  does not fit: add hosts, use hosts with more memory, a smaller quantization or a shorter "
+                     "--context (or raise the wired-memory limit and pass --usable)")
+    lines += ["", "predicted decode, batch 1 (docs/PLAN.md):",
+              f"  {'strategy':<26} {'fits':<5} {'tok/s':>7} {'ms/tok':>8} {'memory':>8} {'overhead':>9} "
+              f"{'comm':>7} {'coll/tok':>8}"]
+    for est in r.estimates:
+        name = est.label + (" *" if est.strategy == r.auto else "")
+        if not est.runs:
+            lines.append(f"  {name:<26} n/a   {est.note}")
+            continue
+        lines.append(f"  {name:<26} {'yes' if all(est.fits) else 'no':<5} {est.tok_s:>7.1f} "
+                     f"{est.seconds * 1e3:>8.2f} {est.memory_s * 1e3:>8.2f} {est.overhead_s * 1e3:>9.2f} "
+                     f"{est.comm_s * 1e3:>7.2f} {est.collectives:>8}")
+    lines.append("  (* the strategy auto picks; memory/overhead/comm in ms per token)")
+    fitting = [est for est in r.estimates if est.runs and all(est.fits)]
+    if fitting:
+        best = max(fitting, key=lambda est: est.tok_s)
+        lines.append(f"fastest that fits: {best.label} at {best.tok_s:.1f} tok/s"
+                     + (" (mlx-lm's sharded_load; mlx-moe runs expert parallel and pipeline)"
+                        if best.strategy == "tensor" else ""))
+    else:
+        lines.append("nothing fits these hosts")
+    lines += [f"note: {n}" for n in inv.notes]
+    return "\n".join(lines)

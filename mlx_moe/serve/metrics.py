@@ -1,0 +1,120 @@
+"""Prometheus metrics of the server (rank 0): requests, latency, time to
+first token, tokens, queue depth, and how the routed tokens spread over the
+experts and ranks of every MoE layer.
+
+Each app has its own registry, so several servers in one process (tests)
+never share counts. The engine thread records through `track`; the expert
+load is the engine's snapshot, so a scrape never touches MLX."""
+
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+# A generation takes from tens of milliseconds to minutes.
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320, float("inf"))
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, float("inf"))
+
+
+class Metrics:
+    def __init__(self, engine):
+        self.registry = CollectorRegistry()
+        self.paths = set()  # the app's routes; other paths count as "other", so scanners cannot add series
+        r = self.registry
+        self.requests = Counter("mlx_moe_requests", "HTTP responses started, by endpoint and status",
+                                ["endpoint", "status"], registry=r)
+        self.latency = Histogram("mlx_moe_request_latency_seconds",
+                                 "Generation requests: seconds from queueing to the end of the answer",
+                                 buckets=LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram("mlx_moe_time_to_first_token_seconds",
+                              "Generation requests: seconds from queueing to the first piece of the answer",
+                              buckets=TTFT_BUCKETS, registry=r)
+        self.prompt_tokens = Counter("mlx_moe_prompt_tokens", "Prompt tokens of finished generations",
+                                     registry=r)
+        self.generated_tokens = Counter("mlx_moe_generated_tokens", "Tokens generated (usage.completion_tokens)",
+                                        registry=r)
+        self.tokens_per_second = Gauge("mlx_moe_generation_tokens_per_second",
+                                       "Decode rate of the last finished generation of 2+ tokens", registry=r)
+        self.queue_depth = Gauge("mlx_moe_queue_depth", "Generation requests waiting or running", registry=r)
+        r.register(ExpertLoadCollector(engine))
+
+    def count_request(self, path: str, status: int) -> None:
+        self.requests.labels(path if path in self.paths else "other", str(status)).inc()
+
+    def track(self, emit):
+        """`emit` (a job's event sink) wrapped to record the job: call when
+        it is queued. Events arrive on the engine thread, before the client
+        sees them, so a scrape after an answer always counts it."""
+        start = time.perf_counter()
+        first, open_ = True, True
+        self.queue_depth.inc()
+
+        def tracked(event):
+            nonlocal first, open_
+            if open_:
+                kind = event[0]
+                if first and kind in ("text", "done"):
+                    first = False
+                    self.ttft.observe(time.perf_counter() - start)
+                if kind in ("done", "error"):
+                    open_ = False  # a failing cluster may end a job twice
+                    self.queue_depth.dec()
+                    self.latency.observe(time.perf_counter() - start)
+                if kind == "done":
+                    usage = event[2]
+                    self.prompt_tokens.inc(usage["prompt_tokens"])
+                    self.generated_tokens.inc(usage["completion_tokens"])
+                    # One token gives no rate: mlx-lm times from the first token.
+                    if usage["completion_tokens"] > 1:
+                        self.tokens_per_second.set(usage["generation_tps"])
+            emit(event)
+
+        return tracked
+
+
+class CountRequests:
+    """ASGI middleware: counts each response when it starts (its status is
+    known then, and a client that has the answer finds it counted)."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def counted(message):
+            if message["type"] == "http.response.start":
+                self.metrics.count_request(scope["path"], message["status"])
+            await send(message)
+
+        await self.app(scope, receive, counted)
+
+
+class ExpertLoadCollector:
+    """The engine's expert-load snapshot (`engine.expert_load`, a list of
+    mlx_moe.expert.ExpertLoad) as metrics, computed at each scrape."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def collect(self):
+        experts = CounterMetricFamily("mlx_moe_expert_tokens", "(token, expert) pairs routed to each expert",
+                                      labels=["layer", "expert", "rank"])
+        ranks = CounterMetricFamily("mlx_moe_rank_tokens", "(token, expert) pairs computed by each rank",
+                                    labels=["layer", "rank"])
+        imbalance = GaugeMetricFamily("mlx_moe_expert_load_imbalance",
+                                      "Max over ranks / mean over ranks of the pairs each rank computed "
+                                      "(1 = even)", labels=["layer"])
+        size = self.engine.group.size()
+        for load in self.engine.expert_load:
+            per_rank = [0] * size
+            for expert, (count, rank) in enumerate(zip(load.counts, load.owner)):
+                experts.add_metric([load.path, str(expert), str(rank)], count)
+                per_rank[rank] += count
+            for rank, count in enumerate(per_rank):
+                ranks.add_metric([load.path, str(rank)], count)
+            total = sum(per_rank)
+            # No tokens yet: every rank did the same (nothing), which is even.
+            imbalance.add_metric([load.path], max(per_rank) * size / total if total else 1.0)
+        return [experts, ranks, imbalance]

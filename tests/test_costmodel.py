@@ -1,0 +1,190 @@
+"""`mlx-moe plan` and its cost model, on config-only checkpoints: published
+configs with header-only safetensors (no weights), and small synthesized
+checkpoints whose sharded bytes are checked against the strategies' own
+apply."""
+
+import copy
+import itertools
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlx_lm.utils import load_model
+
+from mlx_moe.costmodel import Model, expected_max, load_profiles, make_hosts, make_report
+from mlx_moe.expert import copy_rows
+from mlx_moe.headers import header_only_checkpoint, read_local
+from mlx_moe.loader import param_bytes
+from mlx_moe.plan import get_strategy, plan
+from mlx_moe.simulate import LocalGroup
+
+CONFIGS = Path(__file__).parent / "fixtures" / "configs"
+CHIPS, LINKS = load_profiles()
+
+
+def published(name):
+    config = json.loads((CONFIGS / f"{name}.json").read_text())
+    config.pop("_source")
+    return config
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """Full-size published shapes, header-only: a few KB on disk each."""
+    root = tmp_path_factory.mktemp("header-only")
+    out = {}
+    for key, name, bits in [("qwen3", "qwen3-235b-a22b", 8), ("dsv3", "deepseek-v3", 4),
+                            ("llama", "llama-3.1-70b", None)]:
+        path = header_only_checkpoint(root / key, published(name), bits)
+        assert sum(f.stat().st_size for f in path.iterdir()) < 2_000_000
+        out[key] = Model.read(read_local(path))
+    return out
+
+
+def report(model, hosts="2", chip=None, memory=None, link="tb5-rdma", context=32768, position=0):
+    return make_report(model, make_hosts(hosts, chip, memory, None, CHIPS), LINKS[link], context, position)
+
+
+def by_strategy(r):
+    return {e.strategy: e for e in r.estimates}
+
+
+def test_checkpoint_sizes_match_the_published_conversions(models):
+    # mlx-community's 8-bit Qwen3-235B-A22B is ~250 GB, 4-bit DeepSeek-V3 ~378 GB, bf16 Llama 3.1 70B ~141 GB.
+    assert models["qwen3"].info.total_bytes == pytest.approx(250e9, rel=0.02)
+    assert models["dsv3"].info.total_bytes == pytest.approx(378e9, rel=0.02)
+    assert models["llama"].info.total_bytes == pytest.approx(141e9, rel=0.02)
+    # KV per token: Qwen3 94 layers x 2 x 4 heads x 128 x 2 bytes; DeepSeek's MLA caches 512 + 64 per layer.
+    assert sum(kv.per_token for kv in models["qwen3"].kv) == 94 * 2 * 4 * 128 * 2
+    assert sum(kv.per_token for kv in models["dsv3"].kv) == 61 * (512 + 64) * 2
+
+
+def test_strategy_choice(models):
+    assert report(models["qwen3"]).auto == "expert"
+    assert report(models["dsv3"], "4").auto == "expert"
+    r = report(models["llama"])
+    assert r.auto == "pipeline" and "no MoE block" in r.reason
+    assert not by_strategy(r)["expert"].runs
+    assert report(models["qwen3"], "1").auto == "single"
+
+
+def test_expert_ranges_follow_memory(models):
+    r = report(models["dsv3"], "mac1,mac2", "m3-ultra,m4-max", "512G,128G")
+    e = by_strategy(r)["expert"]
+    assert r.expert_weights and r.expert_weights[0] > r.expert_weights[1]
+    assert e.weights[0] > 3 * e.weights[1] and all(e.fits)
+
+
+def test_fits_and_does_not_fit(models):
+    assert all(by_strategy(report(models["qwen3"], "2", memory="512G"))["expert"].fits)
+    small = by_strategy(report(models["qwen3"], "2", memory="128G"))
+    assert not any(small["expert"].fits) and not any(small["single"].fits)
+    assert all(small["pipeline"].weights[i] > small["pipeline"].usable[i] for i in range(2))
+    # 4-bit DeepSeek-V3 (378 GB) just fits one 512 GB Mac at 75%, not a 256 GB one.
+    assert all(by_strategy(report(models["dsv3"], "1", memory="512G"))["single"].fits)
+    assert not any(by_strategy(report(models["dsv3"], "1", memory="256G"))["single"].fits)
+    # bf16 Llama 3.1 70B: 2 x 64 GB is too small, 2 x 128 GB holds it in two stages.
+    assert not all(by_strategy(report(models["llama"], "2", "m4-pro", "64G"))["pipeline"].fits)
+    assert all(by_strategy(report(models["llama"], "2", "m4-max", "128G"))["pipeline"].fits)
+    # A longer context needs more KV cache on every host.
+    short, long = (by_strategy(report(models["qwen3"], context=c))["expert"] for c in (4096, 32768))
+    assert long.kv[0] == pytest.approx(8 * short.kv[0])
+
+
+@pytest.mark.parametrize("key", ["qwen3", "dsv3", "llama"])
+@pytest.mark.parametrize("n", [2, 3, 4])
+def test_bytes_per_host_sum_to_the_checkpoint(models, key, n):
+    m = models[key]
+    inv = m.inv
+    assert inv.total + inv.dropped == m.info.total_bytes
+    est = by_strategy(report(m, str(n)))
+    whole = sum(l.tp_whole for l in inv.layers) + inv.embed + inv.other
+    assert sum(est["tensor"].weights) == pytest.approx(inv.total + (n - 1) * whole)
+    assert sum(est["pipeline"].weights) == pytest.approx(inv.total + (n - 1) * (inv.embed + inv.other))
+    if est["expert"].runs:
+        assert sum(est["expert"].weights) == pytest.approx(inv.total + (n - 1) * inv.replicated)
+
+
+def test_predictions_move_the_right_way(models):
+    for key in ("qwen3", "dsv3", "llama"):
+        speeds = {link: by_strategy(report(models[key], "4", link=link)) for link in ("ethernet", "tb-ip", "tb5-rdma")}
+        for strategy in ("expert", "tensor", "pipeline"):
+            tok_s = [speeds[link][strategy].tok_s for link in ("ethernet", "tb-ip", "tb5-rdma")]
+            assert tok_s == sorted(tok_s), (key, strategy, tok_s)
+        slow, fast = (by_strategy(report(models[key], "2", chip)) for chip in ("m4-pro", "m3-ultra"))
+        assert all(fast[s].tok_s > slow[s].tok_s for s in ("tensor", "pipeline", "single"))
+        near, far = (by_strategy(report(models[key], "2", position=p)) for p in (0, 30000))
+        assert all(far[s].tok_s < near[s].tok_s for s in ("tensor", "pipeline", "single"))
+    # Over TCP expert parallel's one collective per layer beats tensor parallel's two.
+    tcp = by_strategy(report(models["qwen3"], "2", link="tb-ip"))
+    assert tcp["expert"].collectives * 2 == tcp["tensor"].collectives == 188
+    assert tcp["expert"].tok_s > tcp["tensor"].tok_s
+
+
+def test_expected_max_is_exact():
+    counts, k = [3, 3, 2], 3
+    experts = [h for h, n in enumerate(counts) for _ in range(n)]
+    draws = list(itertools.combinations(range(len(experts)), k))
+    brute = sum(max(sum(experts[e] == h for e in d) * (h + 1) for h in range(3)) for d in draws) / len(draws)
+    assert expected_max(counts, k, lambda h, x: x * (h + 1)) == pytest.approx(brute)
+    assert expected_max([8], 3, lambda h, x: x) == 3
+    # 2 hosts x 64 experts, top-8: the busier host holds ~5.1 of a token's 8 experts.
+    assert 5.0 < expected_max([64, 64], 8, lambda h, x: x) < 5.3
+
+
+def _rank_bytes(path, n, strategy):
+    """Parameter bytes each of n ranks holds after the strategy's own apply
+    (what load_sharded reports as param_bytes["total"])."""
+    model, _ = load_model(Path(path))
+    out = []
+    for rank in range(n):
+        m, group = copy.deepcopy(model), LocalGroup(n, rank)
+        p = plan(m, group, strategy)
+        get_strategy(strategy).apply(m, p, group, read_rows=copy_rows)
+        out.append(param_bytes(m))
+    return out
+
+
+@pytest.mark.parametrize("arch,kw,n,strategy", [
+    ("qwen3_moe", dict(experts=8, top_k=2), 2, "expert"),
+    ("qwen3_moe", dict(experts=10, top_k=3, quantize=4), 3, "expert"),
+    ("deepseek_v3", dict(experts=8, top_k=2), 2, "expert"),
+    ("llama", dict(), 2, "pipeline"),
+])
+def test_plan_bytes_match_the_loaded_shards(checkpoint, arch, kw, n, strategy):
+    path = checkpoint(arch, **kw)
+    r = report(Model.read(read_local(path)), str(n))
+    assert r.auto == strategy
+    predicted = by_strategy(r)[strategy].weights
+    for got, want in zip(predicted, _rank_bytes(path, n, strategy)):
+        assert got == pytest.approx(want, rel=0.02), (predicted, want)
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "mlx_moe.cli", "plan", *args], capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_cli(models, tmp_path):
+    path = models["qwen3"].info.source
+    out = _cli("--model", path, "--hosts", "mac1,mac2", "--link", "tb5-rdma", "--memory", "512G")
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    assert "strategy (auto): expert" in text
+    assert "experts 0-63" in text and "experts 64-127" in text
+    for row in ("expert parallel *", "tensor parallel (mlx-lm)", "pipeline", "single (mac1)"):
+        assert row in text
+    small = _cli("--model", path, "--hosts", "2", "--memory", "96G", "--json")
+    data = json.loads(small.stdout)
+    assert data["strategy"] == "expert" and not any(e["fits"] for e in data["estimates"])
+    expert = data["estimates"][0]
+    assert sum(expert["weights_bytes"]) == pytest.approx(data["loaded_bytes"] + models["qwen3"].inv.replicated)
+    bad = _cli("--model", path, "--chip", "m9-ultra")
+    assert bad.returncode == 2 and "m3-ultra" in bad.stderr and "m9-ultra" in bad.stderr
+    bad = _cli("--model", path, "--link", "pigeon")
+    assert bad.returncode == 2 and "tb5-rdma" in bad.stderr
+    (tmp_path / "empty").mkdir()
+    bad = _cli("--model", str(tmp_path / "empty"))
+    assert bad.returncode == 2 and "no config.json" in bad.stderr
