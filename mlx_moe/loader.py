@@ -19,9 +19,10 @@ from mlx_lm.utils import load_model, load_tokenizer
 from . import comm
 from .checkpoint import Checkpoint
 from .cores import pin_local_rank, restore_priority
-from .expert import copy_rows
+from .expert import copy_rows, find_moe_blocks
 from .placement import read_placement
-from .plan import ShardingPlan, experts_text, get_strategy, plan as make_plan
+from .pipeline import _layer_list
+from .plan import ShardingPlan, experts_text, get_strategy, module_at, plan as make_plan
 
 # Everything but the weights: enough to build the model and plan it.
 METADATA_PATTERNS = ["*.json", "*.py", "tokenizer.model", "*.tiktoken", "*.txt", "*.jsonl", "*.jinja"]
@@ -117,6 +118,55 @@ def param_bytes(model: nn.Module) -> int:
     return sum(p.nbytes for _, p in tree_flatten(model.parameters()))
 
 
+def held_bytes(model: nn.Module, plan: ShardingPlan) -> int:
+    """Parameter bytes this rank will hold under `plan`, from the lazy
+    model's shapes: nothing is read."""
+    total = param_bytes(model)
+    if plan.strategy == "pipeline":
+        lo, hi = plan.layers[0].ranges[plan.rank]
+        total -= sum(param_bytes(l) for i, l in enumerate(_layer_list(model)) if not lo <= i < hi)
+    elif plan.strategy == "expert":
+        containers = {p: info.experts for p, info, _ in find_moe_blocks(model)}
+        for layer in plan.moe_layers:
+            block = module_at(model, layer.path)
+            experts = param_bytes(block[containers[layer.path]])
+            total -= experts - experts * len(layer.experts_of(plan.rank)) // layer.num_experts
+            if layer.shared_rank != plan.rank:  # shared experts live on one rank
+                total -= sum(param_bytes(block[s]) for s in layer.shared)
+    return total
+
+
+def available_bytes() -> Optional[int]:
+    """Memory this host can give the weights: $MLX_MOE_MEMORY_LIMIT (e.g.
+    "96G"), else Metal's recommended working set, else Linux's MemAvailable."""
+    limit = os.environ.get("MLX_MOE_MEMORY_LIMIT")
+    if limit:
+        from .costmodel import parse_bytes
+
+        return int(parse_bytes(limit) * 1e9)
+    working_set = mx.device_info().get("max_recommended_working_set_size")
+    if working_set:
+        return int(working_set)
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_fits(need: int, rank: int, size: int) -> None:
+    """Fail before reading anything when this rank's shard cannot fit."""
+    have = available_bytes()
+    if have is not None and need > have:
+        raise MemoryError(
+            f"rank {rank}/{size} needs {need / 1e9:.2f} GB for its shard but this host has "
+            f"{have / 1e9:.2f} GB available; add hosts, use a more quantized checkpoint, or free "
+            "memory (`mlx-moe plan` shows what each host needs; $MLX_MOE_MEMORY_LIMIT overrides "
+            "the limit, e.g. after raising macOS's iogpu.wired_limit_mb)")
+
+
 def load_sharded(
     model_id: str,
     group: Optional[mx.distributed.Group] = None,
@@ -178,6 +228,7 @@ def load_sharded(
     model, config = load_model(path, lazy=True, strict=strict)
     plan = make_plan(model, group, strategy, **options)
     log(f"[rank {rank}/{size}] plan: {plan.strategy} ({plan.reason}); this rank holds {_share(plan)}")
+    check_fits(held_bytes(model, plan), rank, size)
 
     ckpt = Checkpoint(path)
     moe_paths = [l.path for l in plan.moe_layers]

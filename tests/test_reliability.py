@@ -165,21 +165,30 @@ def test_clear_cache_lets_other_threads_run_while_it_waits():
     assert counted >= max(5, waited * 100), (counted, waited)
 
 
-@pytest.mark.parametrize("other", ["missing", "different"])
+@pytest.mark.parametrize("other", ["missing", "different", "too small"])
 def test_rank_that_cannot_load_fails_every_rank_fast(model_path, checkpoint, other, tmp_path):
-    other_path = tmp_path / "nowhere" if other == "missing" else checkpoint("qwen3_moe", quantize=4, layers=3)
-    env = dict(os.environ, OTHER_CHECKPOINT=str(other_path), REAL_PYTHON=sys.executable)
+    env = dict(os.environ, REAL_PYTHON=sys.executable)
+    if other == "too small":
+        env["RANK1_MEMORY_LIMIT"] = "0.0001G"  # 100 kB: less than any rank's shard here
+    else:
+        env["OTHER_CHECKPOINT"] = str(tmp_path / "nowhere" if other == "missing"
+                                      else checkpoint("qwen3_moe", quantize=4, layers=3))
     port = free_port()
+    started = time.monotonic()
     proc = _popen([sys.executable, "-m", "mlx_moe.cli", "serve", "--hosts", "127.0.0.1,127.0.0.1",
                    "--model", str(model_path), "--port", str(port),
-                   "--python", str(WORKERS / "other_checkpoint_python.sh")], env=env)
+                   "--python", str(WORKERS / "rank1_differs_python.sh")], env=env)
     try:
         code, err = _finish(proc, 60)
-        assert code != 0
+        assert code != 0 and time.monotonic() - started < 60
         if other == "missing":
             assert "No checkpoint directory" in err and "rank 1 exited with code 1" in err, err[-2000:]
-        else:
+        elif other == "different":
             assert "loaded a different checkpoint than rank 0" in err, err[-2000:]
+        else:
+            assert "rank 1/2 needs" in err and "0.00 GB available" in err, err[-2000:]
+            # It failed before reading any weights.
+            assert "rank 1 exited with code 1" in err and "[rank 1/2] reading" not in err, err[-2000:]
         assert _processes_with(f"--port {port}") == []
     finally:
         stop_group(proc)
