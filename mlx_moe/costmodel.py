@@ -38,9 +38,10 @@ GB = 1e9
 # block (mlx_moe/expert.py LocalExperts, counted from its code, views
 # excluded): the gathered path (CPU) sorts, counts, gathers and scatters
 # back the local pairs and syncs once with the host; the masked path (GPU
-# decode) compares and selects. Both count the routed pairs, and all_sum.
+# decode) compares, picks a used local expert for foreign pairs and
+# selects. Both count the routed pairs, and all_sum.
 EP_GATHER_OPS = 18
-EP_MASK_OPS = 8
+EP_MASK_OPS = 12
 
 
 @dataclass
@@ -494,8 +495,8 @@ def estimate_expert(m: Model, hosts: List[Host], link: Link, context: int, posit
         k = lb.top_k
 
         def cost(r, x, lb=lb, fixed=fixed):
-            # The masked (GPU) path also reads local expert 0 whenever a pair is foreign.
-            experts = x + (1 if hosts[r].chip.gpu and x < k else 0)
+            # The masked (GPU) path reads one local expert for a token with none.
+            experts = x + (1 if hosts[r].chip.gpu and x == 0 else 0)
             return fixed[r] + hosts[r].read_s(experts * lb.per_expert)
 
         t = expected_max(counts_of[i], k, cost)

@@ -212,7 +212,12 @@ class LocalExperts(nn.Module):
 
     def _masked(self, x, indices):
         local = (indices >= self.lo) & (indices < self.hi)
-        y = self.experts(x, mx.where(local, indices - self.lo, 0))
+        # Foreign pairs run an expert this token already uses here, so a GPU,
+        # bound by the distinct experts it reads, reads nothing extra for
+        # them; only a token with no local pair reads one (local expert 0).
+        some = mx.take_along_axis(indices, mx.argmax(local, axis=-1, keepdims=True), axis=-1)
+        fill = mx.where(local.any(axis=-1, keepdims=True), some - self.lo, 0)
+        y = self.experts(x, mx.where(local, indices - self.lo, fill))
         return mx.where(local[..., None], y, mx.zeros((), dtype=y.dtype))
 
     def _gathered(self, x, indices):

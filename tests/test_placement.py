@@ -175,3 +175,22 @@ def test_serve_with_a_balanced_placement_answers_like_one_process(checkpoint, tm
         assert text == oracle.greedy_text(path, oracle.chat_prompt(path, "Where does the river run?"), 16)
     finally:
         stop_group(proc)
+
+
+def test_masked_path_reads_no_expert_a_token_does_not_use(monkeypatch):
+    """Foreign pairs are pointed at an expert the token already uses on this
+    rank, so a GPU reads no extra expert for them."""
+    monkeypatch.setattr(expert, "GATHER_MIN_TOKENS", 10**9)
+    model = build(QWEN3_MOE)
+    for m, p in shard_in_process(model, 2):
+        layer = p.moe_layers[0]
+        local = module_at(m, layer.path).block.switch_mlp
+        local.experts = Recording(local.experts)
+        indices = mx.array([[[0, 4], [1, 2], [5, 3], [4, 5]]])  # [1, 4 tokens, top-2]
+        x = mx.random.normal((1, 4, QWEN3_MOE["hidden_size"]))
+        mx.eval(local(x, indices))
+        ran = local.experts.seen[0].reshape(4, 2).tolist()
+        lo, hi = layer.ranges[p.rank]
+        for token, pairs in zip(indices[0].tolist(), ran):
+            mine = {e - lo for e in token if lo <= e < hi}
+            assert set(pairs) <= (mine or {0}), (p.rank, token, pairs)
