@@ -70,15 +70,14 @@ def _load(mode, path, group, placement=None):
 def _routed(model, before):
     """Pairs routed to each expert since `before` (expert_loads), per block,
     and the mean over blocks of the busiest rank's share (max / mean)."""
-    from .expert import expert_loads
-    from .placement import imbalance
+    from .expert import ExpertLoad, expert_loads
+    from .placement import spread
 
     loads, ratios = {}, []
     for old, new in zip(before, expert_loads(model)):
-        counts = [b - a for a, b in zip(old.counts, new.counts)]
-        loads[new.path] = counts
-        ranks = [[e for e, r in enumerate(new.owner) if r == rank] for rank in range(max(new.owner) + 1)]
-        ratios.append(imbalance(counts, ranks))
+        delta = ExpertLoad(new.path, [b - a for a, b in zip(old.counts, new.counts)], new.owner)
+        loads[new.path] = delta.counts
+        ratios.append(spread(delta.rank_totals(max(new.owner) + 1)))
     return loads, (sum(ratios) / len(ratios) if ratios else None)
 
 

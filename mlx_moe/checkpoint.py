@@ -14,7 +14,7 @@ import mlx.core as mx
 import numpy as np
 
 # safetensors dtype -> (numpy dtype to read the bytes as, mlx dtype to view them as)
-_DTYPES = {
+SAFETENSORS_DTYPES = {
     "F32": (np.float32, mx.float32),
     "F16": (np.float16, mx.float16),
     "BF16": (np.uint16, mx.bfloat16),
@@ -65,7 +65,7 @@ class Checkpoint:
         if key not in self.tensors:
             return None
         file, start, meta = self.tensors[key]
-        np_dtype, mx_dtype = _DTYPES.get(meta["dtype"], (None, None))
+        np_dtype, mx_dtype = SAFETENSORS_DTYPES.get(meta["dtype"], (None, None))
         if mx_dtype != like.dtype or tuple(meta["shape"]) != tuple(like.shape):
             return None
         row = int(np.prod(meta["shape"][1:], dtype=np.int64))

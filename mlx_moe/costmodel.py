@@ -453,14 +453,22 @@ def estimate_single(m: Model, host: Host, context: int, position: int) -> Estima
     return e
 
 
+def _planned(m: Model, hosts: List[Host], strategy: str, label: str, **options):
+    """An empty estimate and the registry's plan for `strategy`, or the
+    estimate with the reason it cannot plan (plan None)."""
+    e = Estimate(strategy, label, [h.name for h in hosts], usable=[h.usable for h in hosts])
+    try:
+        return e, plan(m.nn, LocalGroup(len(hosts)), strategy, **options)
+    except PlanError as err:
+        e.note = str(err)
+        return e, None
+
+
 def estimate_expert(m: Model, hosts: List[Host], link: Link, context: int, position: int,
                     weights: Optional[List[float]] = None) -> Estimate:
     n = len(hosts)
-    e = Estimate("expert", "expert parallel", [h.name for h in hosts], usable=[h.usable for h in hosts])
-    try:
-        p = plan(m.nn, LocalGroup(n), "expert", expert_weights=weights)
-    except PlanError as err:
-        e.note = str(err)
+    e, p = _planned(m, hosts, "expert", "expert parallel", expert_weights=weights)
+    if p is None:
         return e
     moe = {l.path: l for l in p.moe_layers}
     held = [m.inv.replicated] * n
@@ -544,11 +552,8 @@ def estimate_pipeline(m: Model, hosts: List[Host], link: Link, context: int, pos
     """mlx-moe's (and mlx-lm's) pipeline: for one stream the stages run one
     after another, then the last stage's output reaches every host."""
     n = len(hosts)
-    e = Estimate("pipeline", "pipeline", [h.name for h in hosts], usable=[h.usable for h in hosts])
-    try:
-        p = plan(m.nn, LocalGroup(n), "pipeline", layer_weights=weights)
-    except PlanError as err:
-        e.note = str(err)
+    e, p = _planned(m, hosts, "pipeline", "pipeline", layer_weights=weights)
+    if p is None:
         return e
     ranges = p.layers[0].ranges
     outside = m.inv.embed + m.inv.other  # every stage keeps embeddings, norm and head

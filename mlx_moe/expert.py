@@ -249,6 +249,13 @@ class ExpertLoad:
     counts: List[int]  # (token, expert) pairs routed to each expert since start
     owner: List[int]  # the rank holding each expert
 
+    def rank_totals(self, size: int) -> List[int]:
+        """Pairs each rank computed."""
+        totals = [0] * size
+        for count, rank in zip(self.counts, self.owner):
+            totals[rank] += count
+        return totals
+
 
 def expert_loads(model: nn.Module) -> List[ExpertLoad]:
     """Counts so far, in model order (empty for a model with no

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from .checkpoint import read_header
+from .checkpoint import SAFETENSORS_DTYPES, read_header
 
 # Bytes per element of each safetensors dtype. fp8 counts 2: mlx-lm
 # dequantizes fp8 checkpoints to bfloat16 when it loads them.
@@ -101,21 +101,14 @@ def read_hub(repo_id: str, revision: Optional[str] = None) -> CheckpointInfo:
 
 def read_checkpoint(model: str, revision: Optional[str] = None) -> CheckpointInfo:
     """A local directory if `model` names one, else a hub repo id."""
-    path = Path(model).expanduser()
-    if path.exists():
-        return read_local(path)
-    if model.startswith((".", "/", "~")) or model.count("/") != 1:
-        raise FileNotFoundError(
-            f"No checkpoint directory at {model!r}, and it is not a Hugging Face repo id (owner/name).")
-    return read_hub(model, revision)
+    from .loader import local_checkpoint
 
-
-_SAFETENSORS_DTYPE = {"bfloat16": "BF16", "float16": "F16", "float32": "F32", "uint32": "U32",
-                      "uint8": "U8", "int32": "I32", "int8": "I8", "uint16": "U16", "int64": "I64"}
+    path = local_checkpoint(model)
+    return read_local(path) if path else read_hub(model, revision)
 
 
 def safetensors_dtype(mx_dtype) -> str:
-    return _SAFETENSORS_DTYPE[str(mx_dtype).split(".")[-1]]
+    return next(name for name, (_, dtype) in SAFETENSORS_DTYPES.items() if dtype is not None and dtype == mx_dtype)
 
 
 def write_header_only(path, config: dict, tensors: Dict[str, Tensor], max_file_bytes: int = 5 << 30) -> Path:

@@ -39,12 +39,16 @@ def balance(counts: Sequence[float], capacities: Sequence[int]) -> List[List[int
     return [sorted(r) for r in ranks]
 
 
-def imbalance(counts: Sequence[float], experts_per_rank: Sequence[Sequence[int]]) -> float:
-    """Max over ranks / mean over ranks of the pairs each rank computes
-    (1.0: even; N: one rank computes everything)."""
-    totals = [sum(counts[e] for e in experts) for experts in experts_per_rank]
+def spread(totals: Sequence[float]) -> float:
+    """Max / mean of the pairs each rank computes (1.0: even, also when
+    nothing ran yet; N: one rank computes everything)."""
     mean = sum(totals) / len(totals)
     return max(totals) / mean if mean else 1.0
+
+
+def imbalance(counts: Sequence[float], experts_per_rank: Sequence[Sequence[int]]) -> float:
+    """`spread` of the ranks' shares of `counts` under a placement."""
+    return spread([sum(counts[e] for e in experts) for experts in experts_per_rank])
 
 
 def contiguous(num_experts: int, size: int, weights: Optional[Sequence[float]] = None) -> List[List[int]]:

@@ -31,16 +31,17 @@ class LocalGroup:
 
 
 def shard_in_process(
-    model: nn.Module, size: int, expert_weights: Optional[Sequence[float]] = None, placement=None
+    model: nn.Module, size: int, expert_weights: Optional[Sequence[float]] = None, placement=None,
+    strategy: str = "expert",
 ) -> List[Tuple[nn.Module, ShardingPlan]]:
-    """The model as each of `size` ranks holds it under expert parallel
-    (deep copies; `model` is left as it is)."""
+    """The model as each of `size` ranks holds it under `strategy` (deep
+    copies; `model` is left as it is)."""
     shards = []
     for rank in range(size):
         m = copy.deepcopy(model)
         group = LocalGroup(size, rank)
-        p = plan(m, group, "expert", expert_weights=expert_weights, placement=placement)
-        get_strategy("expert").apply(m, p, group, read_rows=copy_rows)
+        p = plan(m, group, strategy, expert_weights=expert_weights, placement=placement)
+        get_strategy(strategy).apply(m, p, group, read_rows=copy_rows)
         shards.append((m, p))
     return shards
 

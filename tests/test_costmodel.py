@@ -3,7 +3,6 @@ configs with header-only safetensors (no weights), and small synthesized
 checkpoints whose sharded bytes are checked against the strategies' own
 apply."""
 
-import copy
 import itertools
 import json
 import subprocess
@@ -14,11 +13,9 @@ import pytest
 from mlx_lm.utils import load_model
 
 from mlx_moe.costmodel import Model, expected_max, load_profiles, make_hosts, make_report
-from mlx_moe.expert import copy_rows
 from mlx_moe.headers import header_only_checkpoint, read_local
 from mlx_moe.loader import param_bytes
-from mlx_moe.plan import get_strategy, plan
-from mlx_moe.simulate import LocalGroup
+from mlx_moe.simulate import shard_in_process
 
 CONFIGS = Path(__file__).parent / "fixtures" / "configs"
 CHIPS, LINKS = load_profiles()
@@ -138,13 +135,7 @@ def _rank_bytes(path, n, strategy):
     """Parameter bytes each of n ranks holds after the strategy's own apply
     (what load_sharded reports as param_bytes["total"])."""
     model, _ = load_model(Path(path))
-    out = []
-    for rank in range(n):
-        m, group = copy.deepcopy(model), LocalGroup(n, rank)
-        p = plan(m, group, strategy)
-        get_strategy(strategy).apply(m, p, group, read_rows=copy_rows)
-        out.append(param_bytes(m))
-    return out
+    return [param_bytes(m) for m, _ in shard_in_process(model, n, strategy=strategy)]
 
 
 @pytest.mark.parametrize("arch,kw,n,strategy", [

@@ -6,7 +6,7 @@ from mlx_lm.utils import _get_classes
 
 from mlx_moe import PlanError, expert, plan
 from mlx_moe.expert import Absent, ExpertParallelBlock, LocalExperts, find_moe_blocks
-from mlx_moe.plan import get_strategy, module_at, split_evenly
+from mlx_moe.plan import module_at, split_evenly
 from mlx_moe.simulate import LocalGroup, shard_in_process
 
 
@@ -116,19 +116,12 @@ def test_find_moe_blocks_by_type_not_name():
                                              ("pipeline", QWEN3_MOE), ("pipeline", LLAMA)])
 def test_held_bytes_predicts_the_shard_before_reading(strategy, config):
     """The loader's memory check uses this before any weight is read."""
-    import copy
-
-    from mlx_moe.expert import copy_rows
     from mlx_moe.loader import held_bytes, param_bytes
 
     model = build(config)
     sizes = []
-    for rank in range(3):
-        m = copy.deepcopy(model)
-        group = LocalGroup(3, rank)
-        p = plan(m, group, strategy)
-        want = held_bytes(m, p)
-        get_strategy(strategy).apply(m, p, group, read_rows=copy_rows)
-        assert want == param_bytes(m), (rank, want, param_bytes(m))
+    for m, p in shard_in_process(model, 3, strategy=strategy):
+        want = held_bytes(model, p)  # the unsharded model and this rank's plan
+        assert want == param_bytes(m), (p.rank, want, param_bytes(m))
         sizes.append(want)
     assert max(sizes) < param_bytes(model)

@@ -11,6 +11,8 @@ import time
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from ..placement import spread
+
 # A generation takes from tens of milliseconds to minutes.
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320, float("inf"))
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, float("inf"))
@@ -108,13 +110,10 @@ class ExpertLoadCollector:
                                       "(1 = even)", labels=["layer"])
         size = self.engine.group.size()
         for load in self.engine.expert_load:
-            per_rank = [0] * size
             for expert, (count, rank) in enumerate(zip(load.counts, load.owner)):
                 experts.add_metric([load.path, str(expert), str(rank)], count)
-                per_rank[rank] += count
+            per_rank = load.rank_totals(size)
             for rank, count in enumerate(per_rank):
                 ranks.add_metric([load.path, str(rank)], count)
-            total = sum(per_rank)
-            # No tokens yet: every rank did the same (nothing), which is even.
-            imbalance.add_metric([load.path], max(per_rank) * size / total if total else 1.0)
+            imbalance.add_metric([load.path], spread(per_rank))
         return [experts, ranks, imbalance]
