@@ -213,7 +213,6 @@ class Engine:
                 self.current = job
                 try:
                     self._generate(spec, job)
-                    self._snapshot_load()
                 except Exception as e:
                     if lost_peer(e):
                         self.fail_with_notice(f"lost the cluster ({e})")
@@ -224,9 +223,10 @@ class Engine:
             self._waiting = self.rank != 0
 
     def _snapshot_load(self) -> None:
-        # On the engine thread, because counting evaluates MLX arrays; after
-        # the answer, so no client waits for it; while jobs are queued, at
-        # most every LOAD_REFRESH s (a large model takes milliseconds).
+        # On the engine thread, because counting evaluates MLX arrays; before
+        # an answer's end is sent, so a scrape after it includes its tokens
+        # (the wait is the step mlx-lm computed ahead, at most); while jobs
+        # are queued, at most every LOAD_REFRESH s.
         now = time.monotonic()
         if self.rank == 0 and (self.jobs.empty() or now - self._load_time >= LOAD_REFRESH):
             self.expert_load, self._load_time = expert_loads(self.model), now
@@ -254,6 +254,7 @@ class Engine:
             if rest:
                 emit(("text", rest))
         completion = last.generation_tokens if last is not None else 0
+        self._snapshot_load()
         emit(("done", finish, {
             "prompt_tokens": len(spec["prompt"]),
             "completion_tokens": completion,
