@@ -73,8 +73,11 @@ def _pieces(x: mx.array):
 
 def _join(pieces, x: mx.array) -> mx.array:
     out = pieces[0] if len(pieces) == 1 else mx.concatenate(pieces)
-    out = out.reshape(x.shape)
-    if x.nbytes > EVAL_ABOVE_BYTES:
+    return _evaluated_if_large(out.reshape(x.shape))
+
+
+def _evaluated_if_large(out: mx.array) -> mx.array:
+    if out.nbytes > EVAL_ABOVE_BYTES:
         mx.eval(out)
     return out
 
@@ -86,6 +89,15 @@ def all_sum(x: mx.array, group: mx.distributed.Group) -> mx.array:
     is fixed: every rank builds the same graph, so they pair up.
     """
     return _join([mx.distributed.all_sum(p, group=group) for p in _pieces(x)], x)
+
+
+def all_gather(x: mx.array, group: mx.distributed.Group) -> mx.array:
+    """Every rank's `x` concatenated on axis 0 in rank order, each rank's
+    part sent in pieces of at most the bound."""
+    n = group.size()
+    parts = [mx.distributed.all_gather(p, group=group).reshape(n, -1) for p in _pieces(x)]
+    out = parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=1)
+    return _evaluated_if_large(out.reshape(n * x.shape[0], *x.shape[1:]))
 
 
 def send(x: mx.array, dst: int, group: mx.distributed.Group) -> mx.array:

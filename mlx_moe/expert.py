@@ -12,7 +12,9 @@ A token's trip through one expert-parallel layer, top to bottom:
 3. combine: `ExpertParallelBlock` wraps the block and joins the partial
    outputs with one `all_sum` per layer. Shared experts are computed by one
    rank only, so they join the same single combine without being counted N
-   times. Attention stays replicated: one collective per decoder layer.
+   times. Attention stays replicated: one collective per decoder layer in
+   decode. For a long input each rank computes the attention core for its
+   share of the heads and one gather joins them (attention.py).
 """
 
 from dataclasses import dataclass
@@ -30,6 +32,7 @@ from mlx_lm.models.switch_layers import (
 )
 
 from . import comm
+from .attention import split_heads
 from .placement import validate
 from .plan import (
     LayerPlan,
@@ -399,6 +402,9 @@ class ExpertParallel(Strategy):
             sharded = handler.shard(block, moe, layer.shared_rank == plan.rank, group)
             replace_module(model, layer.path, sharded)
         plan.param_bytes = {"experts_local": local_bytes, "experts_total": total_bytes}
+        # Real ranks only: simulate's stand-in groups cannot gather.
+        if isinstance(group, mx.distributed.Group) and group.size() > 1:
+            split_heads(model, group)
 
 
 register(ExpertParallel())

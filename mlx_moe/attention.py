@@ -1,0 +1,113 @@
+"""Head-split attention for long inputs under expert parallelism.
+
+Expert parallel keeps attention whole on every rank, which costs one
+combine per layer in decode but makes every rank compute all of a long
+prompt's attention. For a prefill-sized input each rank therefore computes
+the attention core (softmax(q k^T) v, the part that grows with prompt
+length times context) for 1/N of the heads, and one all_gather joins the
+heads. Projections, RoPE and the KV cache stay as mlx-lm computes them on
+every rank, so the cache needs no gathering before decode and the model
+code is untouched: the hook replaces the `scaled_dot_product_attention`
+that mlx-lm's model modules import from `mlx_lm.models.base`, and splits
+only inside a model that installed it (other models in the process run
+the original).
+"""
+
+import contextvars
+import inspect
+import sys
+from typing import Optional, Tuple
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models import base
+
+from . import comm
+
+# Queries per call from which the core is split: decode steps (one token)
+# stay replicated, so decode keeps one collective per MoE layer.
+MIN_QUERIES = 16
+# Context length from which splitting pays. On the CPU the core is slow
+# (mlx[cpu] uses the reference BLAS: ~2 GFLOP/s here) and always pays. On a
+# GPU a rank saves 4*S*D flops per query head per row it does not compute
+# and receives D values for it instead: at ~15 TFLOP/s and ~8 GB/s (bf16)
+# that breaks even near S = 1000 keys; 4096 leaves room for slower links.
+MIN_KEYS = 1 if mx.default_device() == mx.cpu else 4096
+
+_ORIGINAL = base.scaled_dot_product_attention
+_SIGNATURE = inspect.signature(_ORIGINAL)
+_GROUP = contextvars.ContextVar("mlx_moe_head_split_group", default=None)
+
+
+def head_range(heads: int, kv_heads: int, size: int, rank: int) -> Optional[Tuple[int, int, int, int]]:
+    """(q0, q1, kv0, kv1): the query heads of `rank` and the key/value heads
+    they read, such that the slices keep mlx's grouped-query mapping (query
+    head h reads kv head h // (heads / kv_heads)). None when the heads do not
+    split evenly that way."""
+    if heads % size or heads % kv_heads:
+        return None
+    per, rep = heads // size, heads // kv_heads
+    q0, q1 = rank * per, (rank + 1) * per
+    kv0, kv1 = q0 // rep, (q1 - 1) // rep + 1
+    if per % (kv1 - kv0) or any((q0 + j) // rep != kv0 + j // (per // (kv1 - kv0)) for j in range(per)):
+        return None
+    return q0, q1, kv0, kv1
+
+
+def _heads(x, lo, hi, count):
+    """x sliced to heads [lo, hi) on axis -3 if that axis holds `count` heads
+    (a broadcast axis of 1, a string mask or None pass through)."""
+    if isinstance(x, mx.array) and x.ndim >= 3 and x.shape[-3] == count and count > 1:
+        return x[..., lo:hi, :, :]
+    return x
+
+
+def split_attention(*args, **kwargs):
+    """mlx-lm's scaled_dot_product_attention, computed for this rank's heads
+    and gathered when called inside a head-splitting model on a long input."""
+    group = _GROUP.get()
+    a = _SIGNATURE.bind(*args, **kwargs)
+    a.apply_defaults()
+    q, k, v, cache = a.arguments["queries"], a.arguments["keys"], a.arguments["values"], a.arguments["cache"]
+    if (group is None or hasattr(cache, "bits") or not isinstance(k, mx.array)
+            or q.shape[-2] < MIN_QUERIES or k.shape[-2] < MIN_KEYS):
+        return _ORIGINAL(*a.args, **a.kwargs)
+    heads, kv_heads = q.shape[1], k.shape[1]
+    split = head_range(heads, kv_heads, group.size(), group.rank())
+    if split is None or v.shape[1] != kv_heads:
+        return _ORIGINAL(*a.args, **a.kwargs)
+    q0, q1, kv0, kv1 = split
+    sinks = a.arguments["sinks"]
+    out = _ORIGINAL(
+        q[:, q0:q1], k[:, kv0:kv1], v[:, kv0:kv1], cache, a.arguments["scale"],
+        _heads(a.arguments["mask"], q0, q1, heads),
+        sinks=sinks[q0:q1] if sinks is not None and sinks.size == heads else sinks,
+    )
+    # all_gather stacks on axis 0: put heads there and back.
+    return comm.all_gather(out.swapaxes(0, 1), group).swapaxes(0, 1)
+
+
+def _call_splitting(self, *args, **kwargs):
+    token = _GROUP.set(self._head_split_group)
+    try:
+        return super(type(self), self).__call__(*args, **kwargs)
+    finally:
+        _GROUP.reset(token)
+
+
+def split_heads(model: nn.Module, group) -> int:
+    """Make `model` split long attention across `group`'s ranks by heads.
+    Returns how many model modules now route attention through the split
+    (0: the architecture computes attention its own way and keeps it whole)."""
+    patched = set()
+    for _, m in model.named_modules():
+        module = sys.modules.get(type(m).__module__)
+        if module is not None and getattr(module, "scaled_dot_product_attention", None) in (
+                _ORIGINAL, split_attention):
+            module.scaled_dot_product_attention = split_attention
+            patched.add(module.__name__)
+    if patched:
+        cls = type(model)
+        model.__class__ = type(cls.__name__, (cls,), {"__call__": _call_splitting, "__module__": cls.__module__})
+        model._head_split_group = group
+    return len(patched)
