@@ -1,16 +1,18 @@
-"""Head-split attention for long inputs under expert parallelism.
+"""Split attention for long inputs under expert parallelism.
 
 Expert parallel keeps attention whole on every rank, which costs one
 combine per layer in decode but makes every rank compute all of a long
 prompt's attention. For a prefill-sized input each rank therefore computes
 the attention core (softmax(q k^T) v, the part that grows with prompt
 length times context) for 1/N of the heads, and one all_gather joins the
-heads. Projections, RoPE and the KV cache stay as mlx-lm computes them on
-every rank, so the cache needs no gathering before decode and the model
-code is untouched: the hook replaces the `scaled_dot_product_attention`
-that mlx-lm's model modules import from `mlx_lm.models.base`, and splits
-only inside a model that installed it (other models in the process run
-the original).
+heads; on the CPU the attention's projections are also split, each rank
+computing 1/N of the tokens' rows. Every rank still ends up with all of
+q, k, v and the output, so the KV cache needs no gathering before decode
+and the model code is untouched: the hook replaces the
+`scaled_dot_product_attention` that mlx-lm's model modules import from
+`mlx_lm.models.base` (and the class of the attention's linear layers), and
+splits only inside a model that installed it (other models in the process
+run the original).
 """
 
 import contextvars
@@ -33,10 +35,16 @@ MIN_QUERIES = 16
 # and receives D values for it instead: at ~15 TFLOP/s and ~8 GB/s (bf16)
 # that breaks even near S = 1000 keys; 4096 leaves room for slower links.
 MIN_KEYS = 1 if mx.default_device() == mx.cpu else 4096
+# Rows (tokens) from which the attention's projections are split by rows.
+# On the CPU a 2048-token prompt spends about as long in them as in the
+# core. On a GPU a linear layer does about `in` flops per byte of output it
+# would gather, near the break-even of ~15 TFLOP/s over ~8 GB/s for these
+# models, so it stays whole there.
+MIN_ROWS = 16 if mx.default_device() == mx.cpu else None
 
 _ORIGINAL = base.scaled_dot_product_attention
 _SIGNATURE = inspect.signature(_ORIGINAL)
-_GROUP = contextvars.ContextVar("mlx_moe_head_split_group", default=None)
+_GROUP = contextvars.ContextVar("mlx_moe_attention_split_group", default=None)
 
 
 def head_range(heads: int, kv_heads: int, size: int, rank: int) -> Optional[Tuple[int, int, int, int]]:
@@ -87,18 +95,42 @@ def split_attention(*args, **kwargs):
     return comm.all_gather(out.swapaxes(0, 1), group).swapaxes(0, 1)
 
 
+def _split_rows(self, x):
+    """A linear layer on this rank's 1/N of the rows of `x`, gathered."""
+    group = _GROUP.get()
+    rows = x.size // x.shape[-1]
+    if group is None or rows < MIN_ROWS:
+        return super(type(self), self).__call__(x)
+    n = group.size()
+    per = -(-rows // n)
+    part = x.reshape(-1, x.shape[-1])[group.rank() * per:(group.rank() + 1) * per]
+    if part.shape[0] < per:  # the last rank's share, padded to the others' shape
+        part = mx.concatenate([part, mx.zeros((per - part.shape[0], x.shape[-1]), dtype=x.dtype)])
+    y = comm.all_gather(super(type(self), self).__call__(part), group)[:rows]
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+_ROW_SPLIT = {}
+
+
+def _row_split_class(cls):
+    if cls not in _ROW_SPLIT:
+        _ROW_SPLIT[cls] = type(cls.__name__, (cls,), {"__call__": _split_rows, "__module__": cls.__module__})
+    return _ROW_SPLIT[cls]
+
+
 def _call_splitting(self, *args, **kwargs):
-    token = _GROUP.set(self._head_split_group)
+    token = _GROUP.set(self._split_group)
     try:
         return super(type(self), self).__call__(*args, **kwargs)
     finally:
         _GROUP.reset(token)
 
 
-def split_heads(model: nn.Module, group) -> int:
-    """Make `model` split long attention across `group`'s ranks by heads.
-    Returns how many model modules now route attention through the split
-    (0: the architecture computes attention its own way and keeps it whole)."""
+def split_long_attention(model: nn.Module, group) -> None:
+    """Make `model` split the attention of long inputs across `group`'s
+    ranks. An architecture that computes attention its own way (not through
+    mlx-lm's scaled_dot_product_attention) keeps it whole."""
     patched = set()
     for _, m in model.named_modules():
         module = sys.modules.get(type(m).__module__)
@@ -106,8 +138,13 @@ def split_heads(model: nn.Module, group) -> int:
                 _ORIGINAL, split_attention):
             module.scaled_dot_product_attention = split_attention
             patched.add(module.__name__)
+        code = getattr(getattr(type(m), "__call__", None), "__code__", None)
+        if MIN_ROWS is not None and code is not None and "scaled_dot_product_attention" in code.co_names:
+            # The attention's own projections (q, k, v, o and the like).
+            for child in m.children().values():
+                if type(child) in (nn.Linear, nn.QuantizedLinear):
+                    child.__class__ = _row_split_class(type(child))
     if patched:
         cls = type(model)
         model.__class__ = type(cls.__name__, (cls,), {"__call__": _call_splitting, "__module__": cls.__module__})
-        model._head_split_group = group
-    return len(patched)
+        model._split_group = group

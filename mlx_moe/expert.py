@@ -13,8 +13,8 @@ A token's trip through one expert-parallel layer, top to bottom:
    outputs with one `all_sum` per layer. Shared experts are computed by one
    rank only, so they join the same single combine without being counted N
    times. Attention stays replicated: one collective per decoder layer in
-   decode. For a long input each rank computes the attention core for its
-   share of the heads and one gather joins them (attention.py).
+   decode. For a long input each rank computes its share of the attention
+   and gathers the rest (attention.py).
 """
 
 from dataclasses import dataclass
@@ -32,7 +32,7 @@ from mlx_lm.models.switch_layers import (
 )
 
 from . import comm
-from .attention import split_heads
+from .attention import split_long_attention
 from .placement import validate
 from .plan import (
     LayerPlan,
@@ -404,7 +404,7 @@ class ExpertParallel(Strategy):
         plan.param_bytes = {"experts_local": local_bytes, "experts_total": total_bytes}
         # Real ranks only: simulate's stand-in groups cannot gather.
         if isinstance(group, mx.distributed.Group) and group.size() > 1:
-            split_heads(model, group)
+            split_long_attention(model, group)
 
 
 register(ExpertParallel())
