@@ -72,7 +72,8 @@ def _heads(x, lo, hi, count):
 
 def split_attention(*args, **kwargs):
     """mlx-lm's scaled_dot_product_attention, computed for this rank's heads
-    and gathered when called inside a head-splitting model on a long input."""
+    and gathered when a model prepared by split_long_attention calls it on
+    a long input."""
     group = _GROUP.get()
     a = _SIGNATURE.bind(*args, **kwargs)
     a.apply_defaults()

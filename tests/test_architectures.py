@@ -58,9 +58,9 @@ def _runs(paths, prompt, **options):
              "max_tokens": MAX_TOKENS, **options} for p in paths]
 
 
-def _assert_ranks_match_single_process(outs, paths, bits, heads_split=None):
+def _assert_ranks_match_single_process(outs, paths, bits, attention_split=None):
     """Each rank's logits and greedy text against single-process mlx-lm;
-    `heads_split(path)`: whether the long input's attention is split by heads."""
+    `attention_split(path)`: whether the long input's attention is split."""
     prompt = oracle.chat_prompt(paths[0])
     for i, (path, b) in enumerate(zip(paths, bits)):
         want = [oracle.last_logits(path, ids) for ids in INPUTS]
@@ -73,10 +73,10 @@ def _assert_ranks_match_single_process(outs, paths, bits, heads_split=None):
             assert r["text"] == text, (path.name, rank)
             # One combine per MoE layer, whatever the block handler.
             assert r["decode_collectives"] == [r["moe_layers"]] * len(INPUTS), path.name
-            if heads_split is not None:
-                # The 40-token input gathers split attention heads: more collectives.
+            if attention_split is not None:
+                # The 40-token input gathers the split attention: more collectives.
                 split = r["collectives"][1] > r["collectives"][0]
-                assert split == heads_split(path), (path.name, r["collectives"])
+                assert split == attention_split(path), (path.name, r["collectives"])
 
 
 @pytest.mark.parametrize("part", range(LAUNCHES))
@@ -88,7 +88,7 @@ def test_two_ranks_match_single_process(checkpoint, part, tmp_path):
     outs = launch("sharded_worker", {"runs": runs}, 2, tmp_path)
     # deepseek_v41 computes attention its own way, which stays whole.
     _assert_ranks_match_single_process(outs, paths, [bits for _, bits in cases],
-                                       heads_split=lambda p: not p.name.startswith("deepseek_v41-"))
+                                       attention_split=lambda p: not p.name.startswith("deepseek_v41-"))
 
 
 @pytest.mark.parametrize("path", ["masked", "gathered"])

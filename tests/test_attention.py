@@ -1,5 +1,5 @@
-"""Head-split attention: which heads each rank computes (the split itself
-is held against single-process logits on real ranks in
+"""Attention split for long inputs: which heads each rank computes (the
+split itself is held against single-process logits on real ranks in
 test_expert_parallel.py and test_architectures.py)."""
 
 import mlx.core as mx
