@@ -124,7 +124,9 @@ def run_rank(mode: str, path: str, args) -> dict:
     before = expert_loads(model)
     _, decode_s, calls, decode_max = timed(args.prompt_tokens, args.decode_tokens)
     loads, imbalance = _routed(model, before)
+    before = expert_loads(model)
     prefill_s, _, _, _ = timed(args.prefill_tokens, 1)
+    prefill_loads, prefill_imbalance = _routed(model, before)
     counter.reset()
     comm.barrier(group)
     steps = args.decode_tokens - 1
@@ -140,9 +142,12 @@ def run_rank(mode: str, path: str, args) -> dict:
         # over the decode covers `steps` graphs exactly.
         "collectives_per_token": calls / steps,
         "max_message_bytes": decode_max,
-        # Expert-parallel modes: how evenly the decode's pairs fell on the ranks.
+        # Expert-parallel modes: how evenly the decode's and the prefill's
+        # pairs fell on the ranks.
         "imbalance": imbalance,
         "loads": loads,
+        "prefill_imbalance": prefill_imbalance,
+        "prefill_loads": prefill_loads,
     }
 
 
@@ -194,8 +199,9 @@ def summarize(runs):
         for key in ("peak_memory", "load_peak_memory", "param_bytes", "collectives_per_token",
                     "max_message_bytes"):
             row[key] = max(r[key] for rep in reps for r in rep)
-        if reps[0][0].get("imbalance") is not None:
-            row["imbalance"] = statistics.median(rep[0]["imbalance"] for rep in reps)
+        for key in ("imbalance", "prefill_imbalance"):
+            if reps[0][0].get(key) is not None:
+                row[key] = statistics.median(rep[0][key] for rep in reps)
         table[mode] = row
     base = table.get("single")
     tensor = table.get("mlx-lm tensor")
@@ -209,7 +215,7 @@ def summarize(runs):
 
 def format_table(table) -> str:
     head = (f"{'mode':<24} {'decode tok/s':>22} {'prefill tok/s':>22} {'vs 1 proc':>9} {'vs TP':>6} "
-            f"{'peak MiB':>9} {'params MiB':>10} {'coll/tok':>8} {'max msg':>8} {'imbal.':>6}")
+            f"{'peak MiB':>9} {'params MiB':>10} {'coll/tok':>8} {'max msg':>8} {'imbal. d/p':>10}")
     lines = [head, "-" * len(head)]
     for mode, r in table.items():
         d, p = r["decode_tps"], r["prefill_tps"]
@@ -219,7 +225,7 @@ def format_table(table) -> str:
             f"{r.get('decode_tps_vs_single', 0):>9.2f} {r.get('decode_tps_vs_tensor', 0):>6.2f} "
             f"{r['peak_memory'] / 2**20:>9.1f} {r['param_bytes'] / 2**20:>10.1f} "
             f"{r['collectives_per_token']:>8.1f} {r['max_message_bytes']:>8} "
-            + (f"{r['imbalance']:>6.2f}" if "imbalance" in r else f"{'':>6}"))
+            + (f"{r['imbalance']:>5.2f}/{r['prefill_imbalance']:.2f}" if "imbalance" in r else ""))
     return "\n".join(lines)
 
 
@@ -266,7 +272,10 @@ def main(argv=None):
 
             print("measuring expert loads for the balanced placement ...", file=sys.stderr, flush=True)
             calib = _run_mode("mlx-moe expert", path, args, f"{tmp}/calibration", ["--seed", str(args.calibration_seed)])
-            write_placement(balanced(calib[0]["loads"], args.ranks), f"{tmp}/placement.json")
+            # Every pair the calibration routed, as /metrics counts a served load.
+            loads = {path: [a + b for a, b in zip(counts, calib[0]["prefill_loads"][path])]
+                     for path, counts in calib[0]["loads"].items()}
+            write_placement(balanced(loads, args.ranks), f"{tmp}/placement.json")
             extra[BALANCED] = ["--placement", f"{tmp}/placement.json"]
         for rep in range(args.repeats):
             # Alternate the order so slow drift does not favour one mode.
