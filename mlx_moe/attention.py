@@ -55,11 +55,11 @@ def head_range(heads: int, kv_heads: int, size: int, rank: int) -> Optional[Tupl
     if heads % size or heads % kv_heads:
         return None
     per, rep = heads // size, heads // kv_heads
-    q0, q1 = rank * per, (rank + 1) * per
-    kv0, kv1 = q0 // rep, (q1 - 1) // rep + 1
-    if per % (kv1 - kv0) or any((q0 + j) // rep != kv0 + j // (per // (kv1 - kv0)) for j in range(per)):
+    # Each rank takes whole groups, or a part of one group.
+    if per % rep and rep % per:
         return None
-    return q0, q1, kv0, kv1
+    q0, q1 = rank * per, (rank + 1) * per
+    return q0, q1, q0 // rep, (q1 - 1) // rep + 1
 
 
 def _heads(x, lo, hi, count):
@@ -75,11 +75,13 @@ def split_attention(*args, **kwargs):
     and gathered when a model prepared by split_long_attention calls it on
     a long input."""
     group = _GROUP.get()
+    # Decode steps leave here, before any argument handling.
+    if group is None or (args[0] if args else kwargs["queries"]).shape[-2] < MIN_QUERIES:
+        return _ORIGINAL(*args, **kwargs)
     a = _SIGNATURE.bind(*args, **kwargs)
     a.apply_defaults()
     q, k, v, cache = a.arguments["queries"], a.arguments["keys"], a.arguments["values"], a.arguments["cache"]
-    if (group is None or hasattr(cache, "bits") or not isinstance(k, mx.array)
-            or q.shape[-2] < MIN_QUERIES or k.shape[-2] < MIN_KEYS):
+    if hasattr(cache, "bits") or not isinstance(k, mx.array) or k.shape[-2] < MIN_KEYS:
         return _ORIGINAL(*a.args, **a.kwargs)
     heads, kv_heads = q.shape[1], k.shape[1]
     split = head_range(heads, kv_heads, group.size(), group.rank())
@@ -111,13 +113,15 @@ def _split_rows(self, x):
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
-_ROW_SPLIT = {}
+_SUBCLASSES = {}
 
 
-def _row_split_class(cls):
-    if cls not in _ROW_SPLIT:
-        _ROW_SPLIT[cls] = type(cls.__name__, (cls,), {"__call__": _split_rows, "__module__": cls.__module__})
-    return _ROW_SPLIT[cls]
+def _with_call(cls, call):
+    """`cls` with `call` as its __call__ (which reaches cls's own through
+    super), made once per pair so swapped instances share it."""
+    if (cls, call) not in _SUBCLASSES:
+        _SUBCLASSES[cls, call] = type(cls.__name__, (cls,), {"__call__": call, "__module__": cls.__module__})
+    return _SUBCLASSES[cls, call]
 
 
 def _call_splitting(self, *args, **kwargs):
@@ -144,8 +148,7 @@ def split_long_attention(model: nn.Module, group) -> None:
             # The attention's own projections (q, k, v, o and the like).
             for child in m.children().values():
                 if type(child) in (nn.Linear, nn.QuantizedLinear):
-                    child.__class__ = _row_split_class(type(child))
+                    child.__class__ = _with_call(type(child), _split_rows)
     if patched:
-        cls = type(model)
-        model.__class__ = type(cls.__name__, (cls,), {"__call__": _call_splitting, "__module__": cls.__module__})
+        model.__class__ = _with_call(type(model), _call_splitting)
         model._split_group = group
