@@ -88,13 +88,12 @@ def run_rank(mode: str, path: str, args) -> dict:
     from mlx_lm.generate import generate_step
 
     from . import comm
-    from .cores import pin_local_rank, restore_priority
+    from .cores import settle_local_rank
 
     counter = _Counter()
     group = mx.distributed.init()
     # Every parallel mode gets the priority and cores mlx-moe gives its ranks.
-    restore_priority()
-    pin_local_rank(group.rank())
+    settle_local_rank(group.rank())
     mx.reset_peak_memory()
     model = _load(mode, path, group, getattr(args, "placement", None))
     mx.eval(model.parameters())

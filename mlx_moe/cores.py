@@ -50,15 +50,39 @@ def pin_local_rank(rank: int) -> Optional[Set[int]]:
     return mine
 
 
+# Set by launch.start for the ranks it starts: the priority to restore.
+RANK_PRIORITY = "MLX_MOE_RANK_PRIORITY"
+
+
+def settle_local_rank(rank: int) -> Optional[Set[int]]:
+    """What a rank started by launch.start does first: take back its
+    priority, let go of its stdin, and pin itself to its share of the cores
+    (returned, as pin_local_rank)."""
+    restore_priority()
+    release_stdin()
+    return pin_local_rank(rank)
+
+
 def restore_priority() -> None:
     """Undo the lower priority mlx.launch was started with (see
     launch.start) so the ranks outrank its polling threads. Lowering a
     nice value needs privilege on most systems; without it the ranks keep
     the launcher's priority, which costs nothing but the gain."""
-    want = os.environ.get("MLX_MOE_RANK_PRIORITY")
+    want = os.environ.get(RANK_PRIORITY)
     if want is None:
         return
     try:
         os.setpriority(os.PRIO_PROCESS, 0, int(want))
     except (OSError, ValueError):
         pass
+
+
+def release_stdin() -> None:
+    """Put /dev/null in place of the stdin pipe mlx.launch gave this rank
+    (only when launch.start started it): the launcher's relay for this rank
+    spins until a write to that pipe fails (see launch._stop_relay_spin)."""
+    if os.environ.get(RANK_PRIORITY) is None:
+        return
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)

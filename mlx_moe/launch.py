@@ -9,6 +9,8 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import List, Optional, Sequence
 
@@ -79,21 +81,56 @@ def launch_command(
 
 
 # mlx.launch relays each rank's output in a thread that polls the rank's
-# stdin pipe for writability, which is always true, so it spins a core for as
-# long as the ranks run. Started at a lower priority it yields that core to
-# the ranks, which restore the caller's priority (cores.restore_priority):
-# measured here, 2-rank expert-parallel decode went from 17 to 38 tok/s.
+# stdin pipe for writability, which is always true, so it spins until that
+# pipe breaks (see _stop_relay_spin). Started at a lower priority it yields
+# most of the CPU it takes meanwhile (and where the pipe never breaks: ranks
+# on other hosts, which sit behind ssh); the ranks restore the caller's
+# priority (cores.restore_priority).
 LAUNCHER_NICE = 10
 
 
 def start(cmd, **kwargs) -> subprocess.Popen:
     """Start an mlx.launch command line in a session of its own (so stopping
-    it reaches every rank) with stdin a pipe nobody writes (/dev/null would
-    make its stdin poll spin too)."""
+    it reaches every rank), its stdin a pipe this process holds (/dev/null,
+    or a pipe closed by communicate(), would make its stdin poll spin too)."""
+    from .cores import RANK_PRIORITY
+
     here = os.getpriority(os.PRIO_PROCESS, 0)
-    env = dict(kwargs.pop("env", None) or os.environ, MLX_MOE_RANK_PRIORITY=str(here))
-    return subprocess.Popen(cmd, stdin=subprocess.PIPE, start_new_session=True, env=env,
-                            preexec_fn=lambda: os.nice(LAUNCHER_NICE), **kwargs)
+    env = dict(kwargs.pop("env", None) or os.environ, **{RANK_PRIORITY: str(here)})
+    read, write = os.pipe()
+    try:
+        proc = subprocess.Popen(cmd, stdin=read, start_new_session=True, env=env,
+                                preexec_fn=lambda: os.nice(LAUNCHER_NICE), **kwargs)
+    except BaseException:
+        os.close(write)
+        raise
+    finally:
+        os.close(read)
+    threading.Thread(target=_stop_relay_spin, args=(proc, write), daemon=True).start()
+    return proc
+
+
+def _stop_relay_spin(proc: subprocess.Popen, fd: int, feed_for: float = 300.0) -> None:
+    """Even at a lower priority the relay threads cost local ranks their
+    cores' attention: on Linux's scheduler a woken rank thread can wait out
+    a spinning relay's time slice, and a 2-rank decode on 2 cores loses a
+    third of its speed (measured: 27 against 39 tok/s). A relay stops
+    polling a rank's stdin once a write to it fails, so local ranks close
+    theirs when they start (cores.release_stdin) and this feeds mlx.launch
+    bytes to pass on, at growing intervals for `feed_for` seconds. The pipe
+    stays open until mlx.launch exits: closed, it would spin again."""
+    delay, fed = 0.25, 0.0
+    try:
+        while proc.poll() is None:
+            if fed < feed_for:
+                os.write(fd, b"\n")
+            time.sleep(delay)
+            fed += delay
+            delay = min(2 * delay, 5.0)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def run_ranks(argv: Sequence[str], n: int = 2, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
@@ -120,7 +157,6 @@ def free_port() -> int:
 def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 180) -> None:
     """Poll `url`/health until it answers 200; fail at once if `proc` exits,
     and after `timeout` seconds."""
-    import time
     import urllib.error
     import urllib.request
 

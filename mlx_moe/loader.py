@@ -18,7 +18,7 @@ from mlx_lm.utils import load_model, load_tokenizer
 
 from . import comm
 from .checkpoint import Checkpoint
-from .cores import pin_local_rank, restore_priority
+from .cores import settle_local_rank
 from .expert import copy_rows, find_moe_blocks
 from .placement import read_placement
 from .pipeline import _layer_list
@@ -203,8 +203,7 @@ def load_sharded(
         placement = read_placement(placement)
     options = dict(expert_weights=expert_weights, layer_weights=layer_weights, placement=placement)
     if size > 1:
-        restore_priority()
-        pin_local_rank(rank)
+        settle_local_rank(rank)
     t0 = time.perf_counter()
 
     path = local_checkpoint(model_id)

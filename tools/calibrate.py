@@ -117,11 +117,10 @@ def measure(barrier=None) -> dict:
 def rank_main():
     import mlx.core as mx
 
-    from mlx_moe.cores import pin_local_rank, restore_priority
+    from mlx_moe.cores import settle_local_rank
 
     group = mx.distributed.init()
-    restore_priority()
-    pin_local_rank(group.rank())
+    settle_local_rank(group.rank())
 
     def barrier():
         mx.eval(mx.distributed.all_sum(mx.array(1.0), group=group))

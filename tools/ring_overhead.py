@@ -17,10 +17,11 @@ import time
 def rank_main(pin: bool):
     import mlx.core as mx
 
-    from mlx_moe.cores import pin_local_rank, restore_priority
+    from mlx_moe.cores import pin_local_rank, release_stdin, restore_priority
 
     group = mx.distributed.init()
     restore_priority()
+    release_stdin()
     if pin:
         pin_local_rank(group.rank())
     w = mx.random.normal((512, 512))
