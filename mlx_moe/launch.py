@@ -111,14 +111,14 @@ def start(cmd, **kwargs) -> subprocess.Popen:
 
 
 def _stop_relay_spin(proc: subprocess.Popen, fd: int, feed_for: float = 300.0) -> None:
-    """Even at a lower priority the relay threads cost local ranks their
-    cores' attention: on Linux's scheduler a woken rank thread can wait out
-    a spinning relay's time slice, and a 2-rank decode on 2 cores loses a
-    third of its speed (measured: 27 against 39 tok/s). A relay stops
-    polling a rank's stdin once a write to it fails, so local ranks close
-    theirs when they start (cores.release_stdin) and this feeds mlx.launch
-    bytes to pass on, at growing intervals for `feed_for` seconds. The pipe
-    stays open until mlx.launch exits: closed, it would spin again."""
+    """At a lower priority the relay threads still delay local ranks: Linux's
+    scheduler can make a woken rank thread wait out a spinning relay's time
+    slice, and a 2-rank decode on 2 cores lost a third of its speed to it
+    (27 against 39 tok/s). A relay stops polling a rank's stdin once a
+    write to it fails, so local ranks close theirs when they start
+    (cores.release_stdin) and this feeds mlx.launch bytes to pass on, at
+    growing intervals for `feed_for` seconds. The pipe stays open until
+    mlx.launch exits: closed, it would make mlx.launch spin again."""
     delay, fed = 0.25, 0.0
     try:
         while proc.poll() is None:
