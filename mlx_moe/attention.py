@@ -107,8 +107,8 @@ def _split_rows(self, x):
     n = group.size()
     per = -(-rows // n)
     part = x.reshape(-1, x.shape[-1])[group.rank() * per:(group.rank() + 1) * per]
-    if part.shape[0] < per:  # the last rank's share, padded to the others' shape
-        part = mx.concatenate([part, mx.zeros((per - part.shape[0], x.shape[-1]), dtype=x.dtype)])
+    # The last rank's share, padded to the others' shape.
+    part = mx.pad(part, [(0, per - part.shape[0]), (0, 0)])
     y = comm.all_gather(super(type(self), self).__call__(part), group)[:rows]
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
@@ -136,13 +136,13 @@ def split_long_attention(model: nn.Module, group) -> None:
     """Make `model` split the attention of long inputs across `group`'s
     ranks. An architecture that computes attention its own way (not through
     mlx-lm's scaled_dot_product_attention) keeps it whole."""
-    patched = set()
+    patched = False
     for _, m in model.named_modules():
         module = sys.modules.get(type(m).__module__)
         if module is not None and getattr(module, "scaled_dot_product_attention", None) in (
                 _ORIGINAL, split_attention):
             module.scaled_dot_product_attention = split_attention
-            patched.add(module.__name__)
+            patched = True
         code = getattr(getattr(type(m), "__call__", None), "__code__", None)
         if MIN_ROWS is not None and code is not None and "scaled_dot_product_attention" in code.co_names:
             # The attention's own projections (q, k, v, o and the like).

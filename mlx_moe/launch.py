@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import List, Optional, Sequence
 
+from .cores import RANK_PRIORITY
+
 LOCAL_NAMES = {"localhost", "127.0.0.1", "::1"}
 
 
@@ -93,8 +95,6 @@ def start(cmd, **kwargs) -> subprocess.Popen:
     """Start an mlx.launch command line in a session of its own (so stopping
     it reaches every rank), its stdin a pipe this process holds (/dev/null,
     or a pipe closed by communicate(), would make its stdin poll spin too)."""
-    from .cores import RANK_PRIORITY
-
     here = os.getpriority(os.PRIO_PROCESS, 0)
     env = dict(kwargs.pop("env", None) or os.environ, **{RANK_PRIORITY: str(here)})
     read, write = os.pipe()
