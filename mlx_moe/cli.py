@@ -3,7 +3,6 @@
 import argparse
 import json
 import os
-import re
 import secrets
 import signal
 import subprocess
@@ -13,19 +12,30 @@ import time
 import urllib.request
 from pathlib import Path
 
-from .launch import free_port, launch_command, normalize_hosts, start, stop_group, wait_ready
+from .failures import FirstFailure
+from .hosts import HERE, HostError, resolve
+from .launch import free_port, launch_command, start, stop_group, wait_ready
 
 DEMO_DIR = Path(os.environ.get("MLX_MOE_HOME", Path.home() / ".cache" / "mlx-moe")) / "demo-qwen3-moe-4bit"
 
 
 def _add_cluster_args(p):
     p.add_argument("--hosts", default="127.0.0.1,127.0.0.1",
-                   help="comma-separated hosts, one rank each; localhost/127.0.0.1 run here, others over ssh "
-                        "(default: two local ranks)")
-    p.add_argument("--hostfile", help="an mlx.launch JSON hostfile (e.g. from mlx.distributed_config) instead of --hosts")
-    p.add_argument("--backend", default="ring", choices=["ring", "jaccl", "auto"],
-                   help="mx.distributed backend: ring (TCP), jaccl (Thunderbolt 5 RDMA) or auto (from the hostfile)")
-    p.add_argument("--python", help="the Python interpreter on the remote hosts (default: this one's path)")
+                   help="comma-separated hosts, one rank each, rank 0 first (default: two ranks here). "
+                        "localhost/127.0.0.1 run here; other names or addresses are reached with "
+                        "key-based ssh, checked first, and given the address the other ranks reach "
+                        "them at (their Thunderbolt bridge, else the one ssh reached). Every host "
+                        "needs the same Python path (--python) with mlx-moe, and a local checkpoint "
+                        "at the same path. See docs/MULTIHOST.md")
+    p.add_argument("--hostfile", help="an mlx.launch JSON hostfile instead of --hosts, e.g. the output of "
+                                      "mlx.distributed_config (ring or JACCL); addresses it lacks are found "
+                                      "as for --hosts")
+    p.add_argument("--backend", default=None, choices=["ring", "jaccl", "jaccl-ring"],
+                   help="mx.distributed backend: ring (TCP over any network, the default), jaccl or "
+                        "jaccl-ring (Thunderbolt 5 RDMA; need a --hostfile with RDMA devices); "
+                        "default: the hostfile's, else ring")
+    p.add_argument("--python", help="the Python interpreter on every host (default: this one's path, "
+                                    "which must then exist on every host)")
     p.add_argument("--strategy", default="auto", choices=["auto", "expert", "pipeline"],
                    help="auto: expert parallel for MoE models, else pipeline")
     p.add_argument("--max-collective-bytes", type=int, default=None,
@@ -54,20 +64,12 @@ def _signal_group(proc, sig):
         pass
 
 
-_RANK_EXIT = re.compile(r"Node with rank (\d+) (was killed|exited with code (-?\d+))")
-
-
-def _describe_exit(match) -> str:
-    rank, code = match.group(1), match.group(3)
-    if code is None:
-        return f"rank {rank} was killed"
-    code = int(code)
-    if code < 0:
-        try:
-            return f"rank {rank} was killed by {signal.Signals(-code).name}"
-        except ValueError:
-            pass
-    return f"rank {rank} exited with code {code}"
+def _cluster(args):
+    """The command's hosts, checked over ssh and given addresses (once)."""
+    if "cluster" not in vars(args):
+        args.cluster = resolve(args.hosts.split(","), args.hostfile, args.backend,
+                               python=args.python or sys.executable, model=args.model)
+    return args.cluster
 
 
 def _launch(args, argv, notify=None):
@@ -76,10 +78,13 @@ def _launch(args, argv, notify=None):
     mlx.launch stops the other ranks when one exits but itself exits 0, so
     its log is read here to tell a failed rank from a clean stop, and
     `notify(reason)` passes the reason on (to rank 0, for its clients)."""
-    cmd = launch_command(argv, hosts=args.hosts.split(","), backend=args.backend,
-                         hostfile=args.hostfile, python=args.python, env=getattr(args, "rank_env", ()))
-    proc = start(cmd, stderr=subprocess.PIPE)
-    stopping, failures = [], []
+    cluster = _cluster(args)
+    if cluster.path:
+        print(f"mlx-moe: {cluster.describe()}", file=sys.stderr)
+    cmd = launch_command(argv, hosts=args.hosts.split(","), backend=cluster.backend, hostfile=cluster.path,
+                         python=args.python, env=getattr(args, "rank_env", ()))
+    proc = start(cmd, remote=cluster.remote, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    stopping = []
 
     def kill_later(seconds):
         # A stopped (SIGSTOP) rank ignores SIGTERM, and mlx.launch waits for it.
@@ -87,20 +92,30 @@ def _launch(args, argv, notify=None):
         timer.daemon = True
         timer.start()
 
-    def read_log():
-        for raw in proc.stderr:
-            line = raw.decode(errors="replace")
-            sys.stderr.write(line)
-            sys.stderr.flush()
-            m = _RANK_EXIT.search(line)
-            if m and not stopping and not failures:
-                failures.append(_describe_exit(m))
-                if notify:
-                    notify(failures[0])
-                kill_later(20)
+    def on_failure(reason):
+        if notify:
+            notify(reason)
+        kill_later(20)
 
-    reader = threading.Thread(target=read_log, daemon=True)
-    reader.start()
+    watch = FirstFailure(on_failure, hosts=cluster.names)
+
+    def relay(source, sink):
+        # Chunks, not lines: generate streams tokens without newlines. Remote
+        # ranks' output (stderr too) arrives on stdout, as mlx.launch runs
+        # them under `ssh -tt`, with "\r\n" line ends.
+        pending = b""
+        while chunk := os.read(source.fileno(), 65536):
+            sink.buffer.write(chunk)
+            sink.flush()
+            *lines, pending = (pending + chunk).split(b"\n")
+            for line in lines:
+                if not stopping:
+                    watch.feed(line.decode(errors="replace").rstrip("\r"))
+
+    readers = [threading.Thread(target=relay, args=pipe, daemon=True)
+               for pipe in ((proc.stdout, sys.stdout), (proc.stderr, sys.stderr))]
+    for reader in readers:
+        reader.start()
 
     def on_signal(signum, frame):
         # Only signal here: the main thread is inside proc.wait() and holds
@@ -112,7 +127,8 @@ def _launch(args, argv, notify=None):
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         rc = proc.wait()
-        reader.join(5)
+        for reader in readers:
+            reader.join(5)
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
@@ -120,8 +136,8 @@ def _launch(args, argv, notify=None):
     if stopping:
         print("mlx-moe: stopped every rank", file=sys.stderr)
         return 0
-    if failures:
-        print(f"mlx-moe: {failures[0]}; every rank was stopped", file=sys.stderr)
+    if watch.settle():
+        print(f"mlx-moe: {watch.failure}; every rank was stopped", file=sys.stderr)
         return 1
     if rc != 0:
         print(f"mlx-moe: mlx.launch exited with code {rc}; every rank was stopped", file=sys.stderr)
@@ -133,7 +149,8 @@ def _serve_argv(args):
             "--port", str(args.port), "--strategy", args.strategy, *_placement_argv(args)]
     if args.max_collective_bytes:
         argv += ["--max-collective-bytes", str(args.max_collective_bytes)]
-    for flag in ("max_context", "watchdog_timeout", "max_body_bytes"):
+    for flag in ("max_context", "watchdog_timeout", "max_body_bytes", "max_concurrency", "max_queue",
+                 "prefill_step_size"):
         if getattr(args, flag, None):
             argv += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
     return argv
@@ -144,9 +161,18 @@ def cmd_serve(args):
     args.rank_env = [f"MLX_MOE_CONTROL_TOKEN={token}"]
     if args.api_key:
         args.rank_env.append(f"MLX_MOE_API_KEY={args.api_key}")
-    rank0 = normalize_hosts([args.hosts.split(",")[0]])[0] if not args.hostfile else "127.0.0.1"
-    target = "127.0.0.1" if args.host in ("0.0.0.0", "127.0.0.1") else args.host
-    url = f"http://{target if rank0 == '127.0.0.1' else rank0}:{args.port}/internal/failure"
+    rank0 = _cluster(args).hostfile.hosts[0]
+    if args.host not in ("0.0.0.0", "127.0.0.1", "localhost"):
+        target = args.host
+    elif rank0.ssh_hostname == HERE:
+        target = "127.0.0.1"
+    else:
+        target = rank0.ips[0]
+        if args.host != "0.0.0.0":
+            print(f"mlx-moe: rank 0 runs on {_cluster(args).names[0]} and serves on {args.host}:{args.port} "
+                  "there only; to reach it from other machines pass --host 0.0.0.0 (with --api-key)",
+                  file=sys.stderr)
+    url = f"http://{target}:{args.port}/internal/failure"
 
     def notify(reason):
         # Best effort: rank 0 names the failed rank in its errors if this arrives.
@@ -266,6 +292,12 @@ def main(argv=None):
                    help="stop the cluster when it makes no progress for this many seconds (default: 60)")
     s.add_argument("--max-body-bytes", type=int, default=None,
                    help="largest request body accepted (default: 4 MiB)")
+    s.add_argument("--max-concurrency", type=int, default=None,
+                   help="requests generated together, in one batch (default: 16)")
+    s.add_argument("--max-queue", type=int, default=None,
+                   help="requests waiting for a place in the batch; more get 429 (default: 64)")
+    s.add_argument("--prefill-step-size", type=int, default=None,
+                   help="prompt tokens read per step while others decode (default: 512)")
     _add_cluster_args(s)
     s.set_defaults(func=cmd_serve)
 
@@ -336,7 +368,7 @@ def main(argv=None):
 
     try:
         return args.func(args)
-    except (PlanError, OSError) as e:
+    except (PlanError, HostError, OSError) as e:
         # A request that cannot work: say what and how to fix it, no traceback.
         print(f"mlx-moe: {e}", file=sys.stderr)
         return 2

@@ -9,6 +9,7 @@ from mlx_lm import stream_generate
 
 from . import comm
 from .loader import load_sharded
+from .failures import exit_failed
 from .placement import resolve
 
 
@@ -53,4 +54,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except Exception as e:
+        exit_failed(e)

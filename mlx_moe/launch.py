@@ -1,6 +1,6 @@
 """Starting ranks through `mlx.launch` (ssh for remote hosts, local
 processes for 127.0.0.1), with a time bound so a hang fails instead of
-freezing the caller."""
+freezing the caller. Which hosts and addresses: hosts.py."""
 
 import os
 import random
@@ -14,9 +14,10 @@ import time
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-from .cores import RANK_PRIORITY
+from mlx._distributed_utils.common import Hostfile
 
-LOCAL_NAMES = {"localhost", "127.0.0.1", "::1"}
+from .cores import RANK_PRIORITY
+from .hosts import LOCAL_NAMES
 
 
 def mlx_launch() -> str:
@@ -66,16 +67,20 @@ def launch_command(
     env: Sequence[str] = (),
 ) -> List[str]:
     """The mlx.launch command line that runs `python argv...` once per host
-    (`python` defaults to this interpreter; argv is e.g. ["-m", "pkg.mod"])."""
+    of `hosts` (local names or IP addresses) or of `hostfile` (one that
+    hosts.resolve wrote, with names); `python` defaults to this interpreter
+    and argv is e.g. ["-m", "pkg.mod"]."""
     cmd = [mlx_launch()]
     if hostfile:
         cmd += ["--hostfile", hostfile]
+        ring_ports = sum(len(h.ips) for h in Hostfile.from_file(hostfile).hosts)  # one per address
     else:
         cmd += ["--hosts", ",".join(normalize_hosts(hosts))]
-    if backend != "auto":
-        cmd += ["--backend", backend]
-    if backend in ("ring", "auto") and not hostfile:
-        cmd += ["--starting-port", str(port or free_port_range(len(hosts)))]
+        ring_ports = len(hosts)
+    cmd += ["--backend", backend]
+    if backend == "ring":
+        # Free here; on other hosts a fresh random range rarely meets a previous run's sockets.
+        cmd += ["--starting-port", str(port or free_port_range(ring_ports))]
     cmd += ["--python", python or sys.executable]
     for e in env:
         cmd += ["--env", e]
@@ -91,10 +96,12 @@ def launch_command(
 LAUNCHER_NICE = 10
 
 
-def start(cmd, **kwargs) -> subprocess.Popen:
+def start(cmd, remote: bool = False, **kwargs) -> subprocess.Popen:
     """Start an mlx.launch command line in a session of its own (so stopping
     it reaches every rank), its stdin a pipe this process holds (/dev/null,
-    or a pipe closed by communicate(), would make its stdin poll spin too)."""
+    or a pipe closed by communicate(), would make its stdin poll spin too).
+    `remote`: some rank runs over ssh, so nothing is fed to the ranks' stdin
+    (see _stop_relay_spin)."""
     here = os.getpriority(os.PRIO_PROCESS, 0)
     env = dict(kwargs.pop("env", None) or os.environ, **{RANK_PRIORITY: str(here)})
     read, write = os.pipe()
@@ -106,7 +113,7 @@ def start(cmd, **kwargs) -> subprocess.Popen:
         raise
     finally:
         os.close(read)
-    threading.Thread(target=_stop_relay_spin, args=(proc, write), daemon=True).start()
+    threading.Thread(target=_stop_relay_spin, args=(proc, write, 0.0 if remote else 300.0), daemon=True).start()
     return proc
 
 
@@ -118,7 +125,13 @@ def _stop_relay_spin(proc: subprocess.Popen, fd: int, feed_for: float = 300.0) -
     write to it fails, so local ranks close theirs when they start
     (cores.release_stdin) and this feeds mlx.launch bytes to pass on, at
     growing intervals for `feed_for` seconds. The pipe stays open until
-    mlx.launch exits: closed, it would make mlx.launch spin again."""
+    mlx.launch exits: closed, it would make mlx.launch spin again.
+
+    Nothing is fed when a rank runs over ssh: its stdin is a terminal there
+    (mlx.launch runs `ssh -tt`) that echoes what it gets until mlx.launch's
+    script turns echo off, and the echo comes back before the first line
+    mlx.launch reads as the rank's pid file, so the rank's output would
+    start with blank lines and that file's path."""
     delay, fed = 0.25, 0.0
     try:
         while proc.poll() is None:

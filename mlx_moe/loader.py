@@ -1,7 +1,6 @@
 """load_sharded: resolve the checkpoint -> lazy model -> plan -> apply ->
 read this rank's weights."""
 
-import hashlib
 import json
 import os
 import re
@@ -12,14 +11,15 @@ from typing import Optional, Sequence, Union
 
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
 from mlx.utils import tree_flatten
-from mlx_lm.utils import load_model, load_tokenizer
+from mlx_lm.utils import _get_classes, load_model, load_tokenizer
 
 from . import comm
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, per_expert
+from .consistency import check_cluster
 from .cores import settle_local_rank
 from .expert import copy_rows, find_moe_blocks
+from .headers import read_hub
 from .placement import read_placement
 from .pipeline import _layer_list
 from .plan import ShardingPlan, experts_text, get_strategy, module_at, plan as make_plan
@@ -31,7 +31,10 @@ METADATA_PATTERNS = ["*.json", "*.py", "tokenizer.model", "*.tiktoken", "*.txt",
 def log(msg: str) -> None:
     """Progress for long work, on stderr so stdout stays the program's."""
     if os.environ.get("MLX_MOE_QUIET") != "1":
-        print(msg, file=sys.stderr, flush=True)
+        try:
+            print(msg, file=sys.stderr, flush=True)
+        except OSError:  # a remote rank's terminal is gone once its ssh session ends
+            pass
 
 
 def _download(model_id: str, revision, allow_patterns) -> Path:
@@ -60,16 +63,27 @@ def local_checkpoint(model_id: str) -> Optional[Path]:
     return None
 
 
-def files_for(path: Path, plan: ShardingPlan):
-    """The weight files this rank needs. Expert parallel needs every file
-    (each holds a slice for every rank); a pipeline stage needs the files
-    holding its layers and the layer-less weights (embeddings, norm, head)."""
-    index = path / "model.safetensors.index.json"
-    if not index.exists():
+def files_for(path: Path, plan: ShardingPlan, model: nn.Module, known: Optional[dict] = None):
+    """The weight files this rank needs. A pipeline stage needs the files
+    holding its layers and the layer-less weights (embeddings, norm, head).
+    Expert parallel needs every file but those holding only other ranks'
+    experts, which a checkpoint with one tensor per expert may have (found
+    through the model's sanitize; `known`: the tensors' dtypes and shapes,
+    for files not here yet)."""
+    weight_map = _weight_map(path)
+    if not weight_map:
         return ["model*.safetensors"]  # one file: nothing to choose
-    weight_map = json.loads(index.read_text())["weight_map"]
     if plan.strategy != "pipeline":
-        return sorted(set(weight_map.values()))
+        others = set()
+        if any(map(per_expert, weight_map)):
+            ckpt = Checkpoint(path, known)
+            _trace(ckpt, model, plan)
+            for layer in plan.moe_layers:
+                mine = set(layer.experts_of(plan.rank))
+                for key, sources in ckpt.stacks.items():
+                    if key.startswith(layer.path + "."):
+                        others.update(s for e, s in enumerate(sources) if e not in mine)
+        return sorted({file for key, file in weight_map.items() if key not in others})
     lo, hi = plan.layers[0].ranges[plan.rank]
     needed = set()
     for key, file in weight_map.items():
@@ -79,30 +93,43 @@ def files_for(path: Path, plan: ShardingPlan):
     return sorted(needed)
 
 
-def fingerprint(path: Path) -> bytes:
-    """What must agree across ranks: the config and every tensor's name,
-    dtype, shape and size in the safetensors headers."""
-    tensors = sorted((k, m["dtype"], m["shape"], m["data_offsets"][1] - m["data_offsets"][0])
-                     for k, (_, _, m) in Checkpoint(path).tensors.items())
-    config = json.loads((path / "config.json").read_text())
-    return hashlib.sha256(json.dumps([config, tensors], sort_keys=True).encode()).digest()
+def _weight_map(path: Path) -> dict:
+    """The index's {tensor: file}; empty without an index."""
+    index = path / "model.safetensors.index.json"
+    return json.loads(index.read_text())["weight_map"] if index.exists() else {}
 
 
-def check_same_checkpoint(path: Path, group) -> None:
-    """Every rank compares its checkpoint with every other's before serving;
-    a mismatch fails on every rank with the ranks that differ. Doubles as
-    the barrier that ends loading."""
-    comm.settle()
-    mine = mx.array(list(fingerprint(path)), dtype=mx.uint8)
-    everyone = mx.distributed.all_gather(mine[None], group=group)
-    mx.eval(everyone)
-    digests = [bytes(row) for row in np.array(everyone)]
-    odd = [r for r, d in enumerate(digests) if d != digests[0]]
-    if odd:
-        raise RuntimeError(
-            f"rank(s) {odd} loaded a different checkpoint than rank 0 (config or tensor "
-            f"headers differ; rank {group.rank()} read {path}). Give every host the same "
-            "checkpoint files.")
+def _trace(ckpt: Checkpoint, model: nn.Module, plan: ShardingPlan) -> None:
+    """Which per-expert tensors each of the plan's stacked expert tensors
+    comes from (Checkpoint.trace_stacks). Where the trace cannot follow
+    sanitize, those experts are read whole, as mlx-lm would."""
+    sanitize = getattr(model, "sanitize", None)
+    if sanitize is None or not plan.moe_layers or not any(map(per_expert, ckpt.tensors)):
+        return
+    containers = {p: info.experts for p, info, _ in find_moe_blocks(model)}
+    try:
+        ckpt.trace_stacks(sanitize, tuple(f"{l.path}.{containers[l.path]}." for l in plan.moe_layers))
+    except Exception as e:  # sanitize is the model's own code, run on stand-in arrays
+        log(f"[rank {plan.rank}/{plan.size}] cannot trace {type(model).__name__}.sanitize "
+            f"({type(e).__name__}: {e}); the experts it stacks are read whole on every rank")
+
+
+def _with_stand_ins(stand_ins: dict):
+    """mlx-lm's model classes, each model's sanitize first given
+    `stand_ins` for the tensors this rank did not download."""
+
+    def classes(config):
+        model_class, args_class = _get_classes(config)
+
+        def build(args):
+            model = model_class(args)
+            sanitize = getattr(model, "sanitize", dict)
+            model.sanitize = lambda weights: sanitize({**stand_ins, **weights})
+            return model
+
+        return build, args_class
+
+    return classes
 
 
 def _share(plan: ShardingPlan) -> str:
@@ -213,25 +240,40 @@ def load_sharded(
         model.sharding_plan = ShardingPlan("single", "one process: the plain model", 1, 0, [])
         return model, load_tokenizer(path, eos_token_ids=config.get("eos_token_id", None))
 
-    strict = True
+    strict, known = True, None
     if path is None:
         # Plan on the bare model first, then fetch only this rank's files.
         path = _download(model_id, revision, METADATA_PATTERNS)
         skeleton, _ = load_model(path, lazy=True, strict=False)
-        files = files_for(path, make_plan(skeleton, group, strategy, **options))
-        log(f"[rank {rank}/{size}] downloading {len(files)} weight file(s) of {model_id}")
+        first = make_plan(skeleton, group, strategy, **options)
+        if first.strategy == "expert" and any(map(per_expert, _weight_map(path))):
+            # One tensor per expert: the headers (not the weights) say which files to skip.
+            known = read_hub(model_id, revision).tensors
+        files = files_for(path, first, skeleton, known)
+        log(f"[rank {rank}/{size}] downloading {len(files)} of {len(set(_weight_map(path).values())) or 1} "
+            f"weight file(s) of {model_id}")
         path = _download(model_id, revision, files)
-        strict = False  # a pipeline stage has only its own layers' files
+        strict = first.strategy != "pipeline"  # a pipeline stage has only its own layers' files
 
-    # Build the model lazily: nothing is read until a parameter is evaluated.
-    model, config = load_model(path, lazy=True, strict=strict)
+    # Build the model lazily: nothing is read until a parameter is evaluated,
+    # and the stand-ins for tensors not downloaded never are.
+    ckpt = Checkpoint(path, known)
+    model, config = load_model(path, lazy=True, strict=strict,
+                               get_model_classes=_with_stand_ins(ckpt.stand_ins()))
+    del model.sanitize  # back to the class's own
     plan = make_plan(model, group, strategy, **options)
     log(f"[rank {rank}/{size}] plan: {plan.strategy} ({plan.reason}); this rank holds {_share(plan)}")
     check_fits(held_bytes(model, plan), rank, size)
+    tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id", None))
+    check_cluster(path, plan, tokenizer, group)  # before reading: a mismatch costs no load time
 
-    ckpt = Checkpoint(path)
+    if plan.strategy == "expert":
+        _trace(ckpt, model, plan)
+        if ckpt.stacks:
+            log(f"[rank {rank}/{size}] {len(ckpt.stacks)} expert tensors are stacked from one tensor "
+                "per expert: reading only this rank's")
     moe_paths = [l.path for l in plan.moe_layers]
-    done = set()
+    done, warned = set(), []
 
     def read_rows(name, array, rows):
         # Progress about every quarter of the MoE layers.
@@ -242,8 +284,14 @@ def load_sharded(
                 log(f"[rank {rank}/{size}] reading {len(rows)} experts: MoE layer {len(done)}/"
                     f"{len(moe_paths)}, {ckpt.bytes_read / 2**20:.1f} MiB read")
         out = ckpt.read_rows(name, array, rows)
+        if out is not None:
+            return out
         # A tensor that sanitize renamed or rebuilt is read whole, then copied.
-        return out if out is not None else copy_rows(name, array, rows)
+        if not warned:
+            warned.append(name)
+            log(f"[rank {rank}/{size}] {name} is not in the files as the model holds it: reading it "
+                "(and tensors like it) whole")
+        return copy_rows(name, array, rows)
 
     get_strategy(plan.strategy).apply(model, plan, group, read_rows=read_rows)
     mx.eval(model.parameters())
@@ -251,11 +299,10 @@ def load_sharded(
     if "experts_local" in plan.param_bytes:
         plan.param_bytes["replicated"] = plan.param_bytes["total"] - plan.param_bytes["experts_local"]
     model.sharding_plan = plan
-    check_same_checkpoint(path, group)
+    comm.barrier(group)  # loading ends together: no rank serves while another still reads
     log(
         f"[rank {rank}/{size}] loaded in {time.perf_counter() - t0:.1f}s: "
         f"{plan.param_bytes['total'] / 2**20:.1f} MiB of parameters"
         + (f", {ckpt.bytes_read / 2**20:.1f} MiB of them expert rows" if ckpt.bytes_read else "")
     )
-    tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id", None))
     return model, tokenizer

@@ -725,6 +725,7 @@ def synthesize(
     vocab=None,
     overrides=None,
     router_skew=0.0,
+    layout="mlx",
 ) -> Path:
     """Write (or reuse) a synthetic checkpoint at `path` and return the path.
 
@@ -732,11 +733,15 @@ def synthesize(
     mlx-lm's own quantization). `vocab` is the BPE target size (default 512);
     `overrides` updates the generated config last. `router_skew` > 0
     makes the routers favour low expert ids (to study expert placement).
+    `layout="hf"` writes the experts one tensor each, as Hugging Face
+    checkpoints do, over several files (float32 only; see hf_layout).
     """
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; choose from {sorted(ARCHS)}")
     if quantize not in (None, 4):
         raise ValueError(f"quantize must be None or 4, got {quantize!r}")
+    if layout not in ("mlx", "hf") or (layout == "hf" and quantize):
+        raise ValueError(f"layout must be 'mlx' or (float32 only) 'hf', got {layout!r}")
     if quantize and hidden % 64:
         # mlx-lm quantizes the qwen3_moe router with group size 64.
         raise ValueError(f"4-bit needs hidden to be a multiple of 64, got {hidden}")
@@ -755,6 +760,8 @@ def synthesize(
     }
     if router_skew:
         meta["router_skew"] = router_skew
+    if layout != "mlx":
+        meta["layout"] = layout
     # Round-trip through JSON so the comparison with the stored file is exact.
     meta = json.loads(json.dumps(meta))
     if _is_complete(path, meta):
@@ -775,6 +782,10 @@ def synthesize(
         config.update(overrides or {})
         num_experts = 0 if arch in DENSE_ARCHS else experts
         _write(tmp, config, quantize, seed, hidden, tok.get_vocab_size(), num_experts, router_skew)
+        if layout == "hf":
+            from .hf_layout import write_hf_layout
+
+            write_hf_layout(tmp)
         (tmp / "synthetic.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
         # A process racing on the same path may have finished meanwhile: keep
         # its identical checkpoint rather than pull it from under its readers.
@@ -808,6 +819,9 @@ def main(argv=None):
     parser.add_argument("--top-k", type=int, default=2)
     parser.add_argument("--quantize", choices=["none", "4"], default="none")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--layout", choices=["mlx", "hf"], default="mlx",
+                        help="hf: one tensor per expert over several files, as Hugging Face "
+                             "checkpoints hold them (float32)")
     parser.add_argument("--out", required=True, help="output directory")
     args = parser.parse_args(argv)
 
@@ -820,6 +834,7 @@ def main(argv=None):
         top_k=args.top_k,
         quantize=None if args.quantize == "none" else int(args.quantize),
         seed=args.seed,
+        layout=args.layout,
     )
     moe = "" if args.arch in DENSE_ARCHS else f", {args.experts} experts, top-{args.top_k}"
     print(path)

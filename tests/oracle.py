@@ -24,9 +24,15 @@ def last_logits(path, ids):
     return np.array(model(mx.array([ids]))[0, -1])
 
 
-def greedy_text(path, prompt, max_tokens):
+def next_token(path, prompt):
+    """The greedy choice after a text prompt."""
+    tokenizer = _load(str(path))[1]
+    return int(np.argmax(last_logits(path, tokenizer.encode(prompt))))
+
+
+def greedy_text(path, prompt, max_tokens, **kw):
     model, tokenizer = _load(str(path))
-    return generate(model, tokenizer, prompt, max_tokens=max_tokens)
+    return generate(model, tokenizer, prompt, max_tokens=max_tokens, **kw)
 
 
 def param_bytes(path):

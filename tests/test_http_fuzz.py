@@ -52,7 +52,7 @@ values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=
                                                        st.dictionaries(st.text(max_size=8), inner, max_size=4)),
                       max_leaves=12)
 fields = ["model", "messages", "prompt", "max_tokens", "max_completion_tokens", "temperature", "top_p",
-          "seed", "stop", "stream", "stream_options", "n"]
+          "seed", "stop", "logit_bias", "stream", "stream_options", "n"]
 messages = st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant", "x"]),
                                             "content": st.one_of(st.text(max_size=40), values)}), max_size=3)
 bodies = st.dictionaries(st.sampled_from(fields), st.one_of(values, messages, st.just(MODEL)), max_size=8)

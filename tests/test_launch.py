@@ -1,5 +1,6 @@
 """Ranks started through mlx.launch on one machine: their own cores, and a
-launcher that stops polling once they have settled."""
+launcher that stops polling once they have settled; the hosts and
+hostfiles the command takes (with remote hosts: tests/test_multihost.py)."""
 
 import json
 import os
@@ -7,6 +8,11 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
+from mlx_moe.cli import main
+from mlx_moe import hosts
+from mlx_moe.hosts import common_network, resolve
 from mlx_moe.launch import launch_command, start, stop_group
 
 RANK = """
@@ -58,3 +64,76 @@ def test_ranks_get_own_cores_and_launcher_goes_quiet(tmp_path):
     if len(cpus) >= 2:
         assert ranks[0]["cores"] and ranks[1]["cores"], ranks
         assert not set(ranks[0]["cores"]) & set(ranks[1]["cores"]), ranks
+
+
+def test_ranks_all_here_need_no_hostfile():
+    cluster = resolve(["127.0.0.1", "localhost"])
+    assert cluster.path is None and cluster.backend == "ring" and not cluster.remote
+    cmd = launch_command(["x.py"], hosts=["127.0.0.1", "localhost"], backend=cluster.backend)
+    assert cmd[cmd.index("--hosts") + 1] == "127.0.0.1,127.0.0.1" and "--starting-port" in cmd
+
+
+# What mlx.distributed_config writes (hosts named 127.0.0.1 here, so nothing is reached over ssh).
+RING = {"backend": "ring", "envs": [], "hosts": [
+    {"ssh": "127.0.0.1", "ips": ["192.168.0.1"], "rdma": []}, {"ssh": "localhost", "ips": ["192.168.0.2"], "rdma": []}]}
+JACCL = {"backend": "jaccl", "envs": ["MLX_METAL_FAST_SYNCH=1"], "hosts": [
+    {"ssh": "127.0.0.1", "ips": ["192.168.0.1"], "rdma": [None, "rdma_en3"]},
+    {"ssh": "localhost", "ips": [], "rdma": ["rdma_en3", None]}]}
+
+
+@pytest.mark.parametrize("given", [RING, JACCL, RING["hosts"]], ids=["ring", "jaccl", "plain list"])
+def test_distributed_config_hostfiles_are_read_as_they_are(tmp_path, given):
+    path = tmp_path / "hosts.json"
+    path.write_text(json.dumps(given))
+    cluster = resolve([], str(path))
+    hosts = given["hosts"] if isinstance(given, dict) else given
+    written = json.loads(Path(cluster.path).read_text())
+    assert written["backend"] == (given["backend"] if isinstance(given, dict) else "ring")
+    assert written["envs"] == (given["envs"] if isinstance(given, dict) else [])
+    assert [h["ssh"] for h in written["hosts"]] == ["127.0.0.1", "127.0.0.1"]  # what mlx.launch runs here
+    assert [h["rdma"] for h in written["hosts"]] == [h["rdma"] for h in hosts]
+    assert written["hosts"][0]["ips"] == ["192.168.0.1"]
+    cmd = launch_command(["x.py"], backend=cluster.backend, hostfile=cluster.path)
+    assert cmd[cmd.index("--backend") + 1] == cluster.backend
+    assert ("--starting-port" in cmd) == (cluster.backend == "ring")  # JACCL's coordinator keeps its port
+
+
+def test_backend_given_overrides_the_hostfiles(tmp_path):
+    path = tmp_path / "hosts.json"
+    path.write_text(json.dumps(RING))
+    assert resolve([], str(path), backend="jaccl-ring").backend == "jaccl-ring"
+
+
+def test_cluster_arguments_that_cannot_work_fail_before_anything_starts(tmp_path, capsys):
+    assert main(["serve", "--model", "m", "--backend", "jaccl", "--hosts", "mac1,mac2"]) == 2
+    assert "--backend jaccl needs a hostfile with each host's RDMA devices" in capsys.readouterr().err
+    assert main(["generate", "--model", "m", "--prompt", "p", "--hostfile", str(tmp_path / "none.json")]) == 2
+    assert "doesn't exist (write one with mlx.distributed_config" in capsys.readouterr().err
+    assert main(["serve", "--model", "m", "--hosts", "127.0.0.1,,h2"]) == 2
+    assert "Hostname cannot be empty" in capsys.readouterr().err
+
+
+def test_thunderbolt_addresses_only_when_every_host_shares_a_network():
+    assert common_network([["169.254.1.2/16", "192.168.5.1/24"], ["169.254.9.9/16"]]) == ["169.254.1.2", "169.254.9.9"]
+    assert common_network([["192.168.5.1/24"], ["192.168.6.1/24"]]) is None
+    assert common_network([["169.254.1.2/16"], []]) is None
+
+
+def test_addresses_from_what_the_hosts_answer(monkeypatch):
+    """resolve's choices, from the answers hosts give over ssh (faked here;
+    tests/test_multihost.py asks real ones)."""
+    answers = {"mac1": {"client": "192.168.1.5", "server": "192.168.1.5", "thunderbolt": [], "model": None},
+               "mac2": {"client": "192.168.1.5", "server": "192.168.1.6", "thunderbolt": [], "model": None}}
+    monkeypatch.setattr(hosts, "_probe_all", lambda names, python, model: [answers[n] for n in names])
+    monkeypatch.setattr(hosts, "thunderbolt_interfaces", lambda: ["169.254.1.2/16"])
+
+    def ranks(*names):
+        return [(h.ssh_hostname, h.ips) for h in resolve(list(names)).hostfile.hosts]
+
+    # mac1 is this machine (ssh to it ends where it started): it runs here, without ssh.
+    assert ranks("mac1", "mac2") == [("127.0.0.1", ["192.168.1.5"]), ("mac2", ["192.168.1.6"])]
+    # Thunderbolt bridges on one network win over the network ssh went over; 127.0.0.1 is replaced.
+    answers["mac2"]["thunderbolt"] = ["169.254.3.4/16"]
+    assert ranks("127.0.0.1", "mac2") == [("127.0.0.1", ["169.254.1.2"]), ("mac2", ["169.254.3.4"])]
+    answers["mac2"]["thunderbolt"] = ["10.0.0.2/24"]
+    assert ranks("localhost", "mac2") == [("127.0.0.1", ["192.168.1.5"]), ("mac2", ["192.168.1.6"])]

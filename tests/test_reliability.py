@@ -1,9 +1,11 @@
 """Failed and stalled ranks, ranks that cannot load, and safe defaults:
 every case with real processes and a time bound."""
 
+import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -14,8 +16,10 @@ from pathlib import Path
 
 import openai
 import pytest
+from mlx_lm.utils import load_tokenizer
 
 from mlx_moe.launch import free_port, stop_group, wait_ready
+from mlx_moe.placement import write_placement
 from test_serve import _processes_with, _start
 
 WORKERS = Path(__file__).parent / "workers"
@@ -38,12 +42,16 @@ def _rank_pid(marker, rank):
     raise AssertionError(f"no rank {rank} process for {marker}")
 
 
-def _stream_until_error(url, model, started: threading.Event, max_tokens=100000):
-    """Stream a long completion; return the error message that ended it, or None."""
+def _stream_until_error(url, model, started: threading.Event, seen: list, max_tokens=100000):
+    """Stream a long completion, appending each chunk's finish_reason to
+    `seen`; return the error message that ended it, or None. End-of-sequence
+    is banned: the tiny model outpaces the test and could finish first."""
     client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
+    no_eos = {str(t): -100 for t in load_tokenizer(Path(model)).eos_token_ids}
     try:
-        for _ in client.completions.create(model=str(model), prompt="The river", max_tokens=max_tokens,
-                                           temperature=0, stream=True):
+        for chunk in client.completions.create(model=str(model), prompt="The river", max_tokens=max_tokens,
+                                               temperature=0, stream=True, logit_bias=no_eos):
+            seen.append(chunk.choices[0].finish_reason if chunk.choices else None)
             started.set()
         return None
     except (openai.APIError, openai.APIConnectionError) as e:
@@ -52,12 +60,17 @@ def _stream_until_error(url, model, started: threading.Event, max_tokens=100000)
 
 def _streaming(url, model):
     """A long stream running in a thread, once its first token has arrived:
-    (thread, result dict that gets "error")."""
-    started, result = threading.Event(), {}
-    t = threading.Thread(target=lambda: result.update(error=_stream_until_error(url, model, started)))
+    (thread, result dict with the finish reasons "seen" and, once it ends, "error")."""
+    started, result = threading.Event(), {"seen": []}
+    t = threading.Thread(target=lambda: result.update(error=_stream_until_error(url, model, started, result["seen"])))
     t.start()
     assert started.wait(60), "no token streamed"
     return t, result
+
+
+def _finished(result) -> bool:
+    """Whether the stream ended normally (the model chose to stop) rather than by an error."""
+    return any(result["seen"])
 
 
 def _popen(argv, **kw):
@@ -71,10 +84,10 @@ def _popen(argv, **kw):
     return proc
 
 
-def _serve(model_path, *extra):
+def _serve(model_path, *extra, **kw):
     port = free_port()
     proc = _popen([sys.executable, "-m", "mlx_moe.cli", "serve", "--hosts", "127.0.0.1,127.0.0.1",
-                   "--model", str(model_path), "--port", str(port), "--max-context", "100000", *extra])
+                   "--model", str(model_path), "--port", str(port), "--max-context", "100000", *extra], **kw)
     return proc, port, f"http://127.0.0.1:{port}"
 
 
@@ -89,23 +102,46 @@ def _finish(proc, timeout):
     return proc.returncode, "".join(proc.log)
 
 
-@pytest.mark.parametrize("when", ["mid-generation", "idle"])
+@contextlib.contextmanager
+def cpu_hog():
+    """A busy process per core: races that hide on an idle machine show."""
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(os.cpu_count() or 2)]
+    try:
+        yield
+    finally:
+        for h in hogs:
+            h.kill()
+            h.wait()
+
+
+# Under load the client can read its first chunk seconds after the server
+# wrote it (seen: 11.7 s, by which time the whole answer had been generated
+# and buffered), so the streamed answer cannot end by itself: see
+# _stream_until_error.
+@pytest.mark.parametrize("when", ["mid-generation", "idle", "mid-generation under a CPU hog"])
 def test_killed_rank_stops_the_cluster_with_a_message(model_path, when):
+    with cpu_hog() if "hog" in when else contextlib.nullcontext():
+        _kill_rank_1(model_path, when.startswith("mid-generation"))
+
+
+def _kill_rank_1(model_path, streaming: bool):
     proc, port, url = _serve(model_path)
     marker = f"--port {port}"
     try:
         wait_ready(url, proc)
-        if when == "mid-generation":
+        victim = _rank_pid(marker, 1)
+        if streaming:
             t, result = _streaming(url, model_path)
-        os.kill(_rank_pid(marker, 1), signal.SIGKILL)
+        os.kill(victim, signal.SIGKILL)
         killed = time.monotonic()
-        if when == "mid-generation":
+        if streaming:
             t.join(30)
             assert not t.is_alive(), "the stream did not end within 30 s"
+            assert not _finished(result), "the generation ended before rank 1 was killed"
             assert result["error"] and "rank 1" in result["error"], result["error"]
         code, err = _finish(proc, 60)
         assert time.monotonic() - killed < 60
-        assert code != 0 and "rank 1 was killed by SIGKILL" in err, err[-2000:]
+        assert code != 0 and "rank 1 (host 127.0.0.1) was killed by SIGKILL" in err, err[-2000:]
         with pytest.raises(urllib.error.URLError):
             urllib.request.urlopen(url + "/health", timeout=5)
         assert _processes_with(marker) == []
@@ -118,11 +154,13 @@ def test_stalled_rank_is_caught_by_the_watchdog(model_path):
     marker = f"--port {port}"
     try:
         wait_ready(url, proc)
+        victim = _rank_pid(marker, 1)  # found first: the stream must still be running when it stops
         t, result = _streaming(url, model_path)
-        os.kill(_rank_pid(marker, 1), signal.SIGSTOP)
+        os.kill(victim, signal.SIGSTOP)
         stopped = time.monotonic()
         t.join(40)
         assert not t.is_alive(), "the stream did not end"
+        assert not _finished(result), "the generation ended before rank 1 was stopped"
         assert result["error"] and "stalled" in result["error"], result["error"]
         code, err = _finish(proc, 60)
         assert time.monotonic() - stopped < 60
@@ -165,14 +203,36 @@ def test_clear_cache_lets_other_threads_run_while_it_waits():
     assert counted >= max(5, waited * 100), (counted, waited)
 
 
-@pytest.mark.parametrize("other", ["missing", "different", "too small"])
+def _rank1_differs(tmp_path, checkpoint, other):
+    """(RANK1_REPLACE, RANK1_ENV) for rank 1 to differ from rank 0 as `other` says."""
+    if other == "missing checkpoint":
+        return f"--model={tmp_path / 'nowhere'}", ""
+    if other == "different checkpoint":
+        return f"--model={checkpoint('qwen3_moe', quantize=4, layers=3)}", ""
+    if other == "too little memory":
+        return "", "MLX_MOE_MEMORY_LIMIT=0.0001G"  # 100 kB: less than any rank's shard here
+    if other == "collective bound":
+        return "", "MLX_MOE_MAX_COLLECTIVE_BYTES=65536"
+    # A stale placement file on rank 1's host: experts swapped between the ranks.
+    swapped = tmp_path / "placement.json"
+    write_placement({f"model.layers.{i}.mlp": [[4, 5, 6, 7], [0, 1, 2, 3]] for i in range(4)}, swapped)
+    return f"--placement={swapped}", ""
+
+
+# What the user reads for each way rank 1 can differ.
+CANNOT_LOAD = {
+    "missing checkpoint": ["rank 1 (host 127.0.0.1) failed: FileNotFoundError: No checkpoint directory"],
+    "different checkpoint": [f"loaded a different checkpoint than rank 0 (host {socket.gethostname()}): config.json"],
+    "too little memory": ["rank 1 (host 127.0.0.1) failed: MemoryError: rank 1/2 needs", "0.00 GB available"],
+    "collective bound": ["differ in max_collective_bytes: 65536 vs 524288", "MLX_MOE_MAX_COLLECTIVE_BYTES"],
+    "placement": ["differ in placement: '4 blocks placed by a file", "vs 'contiguous ranges'"],
+}
+
+
+@pytest.mark.parametrize("other", list(CANNOT_LOAD))
 def test_rank_that_cannot_load_fails_every_rank_fast(model_path, checkpoint, other, tmp_path):
-    env = dict(os.environ, REAL_PYTHON=sys.executable)
-    if other == "too small":
-        env["RANK1_MEMORY_LIMIT"] = "0.0001G"  # 100 kB: less than any rank's shard here
-    else:
-        env["OTHER_CHECKPOINT"] = str(tmp_path / "nowhere" if other == "missing"
-                                      else checkpoint("qwen3_moe", quantize=4, layers=3))
+    replace, setting = _rank1_differs(tmp_path, checkpoint, other)
+    env = dict(os.environ, REAL_PYTHON=sys.executable, RANK1_REPLACE=replace, RANK1_ENV=setting)
     port = free_port()
     started = time.monotonic()
     proc = _popen([sys.executable, "-m", "mlx_moe.cli", "serve", "--hosts", "127.0.0.1,127.0.0.1",
@@ -181,14 +241,37 @@ def test_rank_that_cannot_load_fails_every_rank_fast(model_path, checkpoint, oth
     try:
         code, err = _finish(proc, 60)
         assert code != 0 and time.monotonic() - started < 60
-        if other == "missing":
-            assert "No checkpoint directory" in err and "rank 1 exited with code 1" in err, err[-2000:]
-        elif other == "different":
-            assert "loaded a different checkpoint than rank 0" in err, err[-2000:]
-        else:
-            assert "rank 1/2 needs" in err and "0.00 GB available" in err, err[-2000:]
-            # It failed before reading any weights.
-            assert "rank 1 exited with code 1" in err and "[rank 1/2] reading" not in err, err[-2000:]
+        for words in CANNOT_LOAD[other]:
+            assert words in err, (words, err[-3000:])
+        assert "every rank was stopped" in err.splitlines()[-1], err[-2000:]
+        # It failed before any rank read a weight.
+        assert "reading" not in err and "loaded in" not in err, err[-2000:]
+        assert _processes_with(f"--port {port}") == []
+    finally:
+        stop_group(proc)
+
+
+def test_fault_on_one_rank_fails_the_request_with_its_reason(model_path, tmp_path):
+    """An error in rank 1's forward pass only (as a Metal out-of-memory would
+    be): the stream ends with that reason and the rank's name, and the
+    cluster stops instead of running its collectives out of step."""
+    trigger = tmp_path / "fail-now"
+    env = dict(os.environ, REAL_PYTHON=sys.executable,
+               RANK1_ENV=f"PYTHONPATH={WORKERS / 'fault'} FAULT_TRIGGER={trigger}")
+    proc, port, url = _serve(model_path, "--python", str(WORKERS / "rank1_differs_python.sh"), env=env)
+    try:
+        wait_ready(url, proc)
+        t, result = _streaming(url, model_path)
+        trigger.touch()
+        failed = time.monotonic()
+        t.join(30)
+        assert not t.is_alive(), "the stream did not end within 30 s"
+        assert not _finished(result), "the generation ended before the fault"
+        assert result["error"] and "rank 1 (host 127.0.0.1) failed: RuntimeError: [metal::malloc]" \
+            in result["error"], result["error"]
+        code, err = _finish(proc, 60)
+        assert time.monotonic() - failed < 60
+        assert code != 0 and "rank 1 (host 127.0.0.1) failed: RuntimeError: [metal::malloc]" in err, err[-2000:]
         assert _processes_with(f"--port {port}") == []
     finally:
         stop_group(proc)

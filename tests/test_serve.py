@@ -14,6 +14,7 @@ from pathlib import Path
 
 import openai
 import pytest
+from mlx_lm.sample_utils import make_logits_processors
 
 import oracle
 from mlx_moe.launch import free_port, stop_group, wait_ready
@@ -115,6 +116,17 @@ def test_stop_string_cuts_the_answer(client, model_path):
     assert r.choices[0].finish_reason == "stop"
 
 
+def test_logit_bias_steers_the_answer_as_in_a_single_process(client, model_path):
+    prompt = "The library stood at the corner"
+    first = oracle.next_token(model_path, prompt)
+    plain = oracle.greedy_text(model_path, prompt, MAX_TOKENS)
+    want = oracle.greedy_text(model_path, prompt, MAX_TOKENS,
+                              logits_processors=make_logits_processors(logit_bias={first: -100}))
+    r = client.completions.create(model=str(model_path), prompt=prompt, max_tokens=MAX_TOKENS,
+                                  temperature=0, logit_bias={str(first): -100})
+    assert r.choices[0].text == want and want != plain
+
+
 def test_seeded_sampling_is_reproducible(client, model_path):
     kw = dict(model=str(model_path), prompt="Computers process", max_tokens=12, temperature=1.0, seed=7)
     assert client.completions.create(**kw).choices[0].text == client.completions.create(**kw).choices[0].text
@@ -156,6 +168,8 @@ BAD = [
     ("negative max_tokens", {"model": "M", "messages": [{"role": "user", "content": "hi"}], "max_tokens": -3}, 400, "max_tokens"),
     ("bad role", {"model": "M", "messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages.0.role"),
     ("unknown model", {"model": "no-such-model", "messages": [{"role": "user", "content": "hi"}]}, 404, "model"),
+    ("logit_bias token outside the vocabulary", {"model": "M", "messages": [{"role": "user", "content": "hi"}], "logit_bias": {"99999999": 1}}, 400, "logit_bias"),
+    ("logit_bias over 100", {"model": "M", "messages": [{"role": "user", "content": "hi"}], "logit_bias": {"5": 150}}, 400, "logit_bias"),
     ("prompt over the context", {"model": "M", "messages": [{"role": "user", "content": "river " * 2000}]}, 400, "messages"),
 ]
 

@@ -6,7 +6,7 @@ import json
 import time
 import uuid
 from pathlib import Path
-from typing import List, Literal, Optional, Union
+from typing import Dict, List, Literal, Optional, Union
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -57,6 +57,7 @@ class Sampling(BaseModel):
     top_p: float = Field(1.0, gt=0, le=1)
     seed: Optional[StrictInt] = None
     stop: Optional[Union[StrictStr, List[StrictStr]]] = None
+    logit_bias: Optional[Dict[StrictStr, float]] = None
     stream: StrictBool = False
     stream_options: Optional[StreamOptions] = None
     n: StrictInt = Field(1, ge=1, le=1)
@@ -126,6 +127,7 @@ def create_app(engine: Engine, model_id: str, context_length: int, plan_text: st
     app = FastAPI(title="mlx-moe", description="OpenAI-compatible API of an mlx-moe cluster")
     app.add_middleware(BodyLimit, limit=max_body_bytes or DEFAULT_MAX_BODY_BYTES)
     tokenizer = engine.tokenizer
+    vocab_size = len(tokenizer.get_vocab())
 
     @app.middleware("http")
     async def _auth(request: Request, call_next):
@@ -205,7 +207,21 @@ def create_app(engine: Engine, model_id: str, context_length: int, plan_text: st
         max_tokens = req.max_completion_tokens or req.max_tokens or DEFAULT_MAX_TOKENS
         stop = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
         return Job(prompt=prompt, max_tokens=min(max_tokens, room), temperature=req.temperature,
-                   top_p=req.top_p, seed=req.seed, stop=stop)
+                   top_p=req.top_p, seed=req.seed, stop=stop, logit_bias=logit_bias(req.logit_bias))
+
+    def logit_bias(bias: Optional[Dict[str, float]]) -> Dict[int, float]:
+        """OpenAI's form (token id as a string -> bias in [-100, 100]) as ids."""
+        out = {}
+        for key, value in (bias or {}).items():
+            token = int(key) if key.isascii() and key.isdigit() and len(key) < 12 else vocab_size
+            if token >= vocab_size:
+                raise APIError(400, f"logit_bias has {key!r}, which is not a token id below {vocab_size}.",
+                               param="logit_bias")
+            if not -100 <= value <= 100:
+                raise APIError(400, f"logit_bias[{key!r}] is {value}; biases go from -100 to 100.",
+                               param="logit_bias")
+            out[token] = value
+        return out
 
     async def run(job: Job):
         """Submit the job and yield its events as they come."""

@@ -16,15 +16,16 @@ import random
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import mlx.core as mx
 import numpy as np
 from mlx_lm import stream_generate
-from mlx_lm.sample_utils import make_sampler
+from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
 from .. import comm
 from ..expert import expert_loads
+from ..failures import lost_peer, rank_failed
 from ..loader import log
 
 
@@ -36,6 +37,7 @@ class Job:
     top_p: float = 1.0
     seed: Optional[int] = None
     stop: List[str] = field(default_factory=list)
+    logit_bias: Dict[int, float] = field(default_factory=dict)
     # Called on rank 0 from the engine thread: ("text", str) per piece, then
     # ("done", finish_reason, usage) or ("error", message).
     emit: Callable = print
@@ -43,7 +45,8 @@ class Job:
     def spec(self) -> dict:
         seed = self.seed if self.seed is not None else random.randrange(2**31)
         return dict(op="generate", prompt=self.prompt, max_tokens=self.max_tokens,
-                    temperature=self.temperature, top_p=self.top_p, seed=seed, stop=self.stop)
+                    temperature=self.temperature, top_p=self.top_p, seed=seed, stop=self.stop,
+                    logit_bias=[[k, v] for k, v in self.logit_bias.items()])
 
 
 def broadcast_json(obj, group) -> dict:
@@ -105,12 +108,6 @@ def clear_cache_without_gil(clear_cache=mx.clear_cache):
     return clear
 
 
-def lost_peer(e: Exception) -> bool:
-    """A collective failed because a peer went away (not a bad request)."""
-    text = str(e)
-    return isinstance(e, RuntimeError) and any(w in text for w in ("[ring]", "[jaccl]", "peer"))
-
-
 class Engine:
     """Runs on every rank. Rank 0 takes jobs from `submit` and broadcasts
     each; when idle it broadcasts a ping every `heartbeat` seconds so every
@@ -145,9 +142,10 @@ class Engine:
     def shutdown(self) -> None:
         self.jobs.put(None)
 
-    def fail(self, reason: str) -> None:
+    def fail(self, reason: str, error: Optional[Exception] = None) -> None:
         """The cluster is lost: end the job in flight with `reason`, refuse
-        new ones, and let `on_failure` stop this rank."""
+        new ones, and let `on_failure` stop this rank. `error`: this rank's
+        own failure, reported for the launcher to pass on."""
         if self.failure:
             return
         self.failure = reason
@@ -159,7 +157,10 @@ class Engine:
             if pending is not None:
                 pending.emit(("error", reason))
         # Logged after the clients are told: stderr is a pipe that may block.
-        log(f"[rank {self.rank}] {reason}")
+        if error is not None:
+            rank_failed(self.rank, error)
+        else:
+            log(f"[rank {self.rank}] {reason}")
         self.on_failure(reason)
 
     def fail_with_notice(self, reason: str) -> None:
@@ -216,8 +217,12 @@ class Engine:
                 except Exception as e:
                     if lost_peer(e):
                         self.fail_with_notice(f"lost the cluster ({e})")
-                    elif job is not None:  # the same input fails the same way on every rank
-                        job.emit(("error", f"{type(e).__name__}: {e}"))
+                    else:
+                        # It may have failed on this rank only (out of memory,
+                        # a Metal error), the others waiting inside this step's
+                        # collectives: no rank can go on in step, so the
+                        # cluster stops, saying which rank failed and why.
+                        self.fail(f"rank {self.rank} failed: {type(e).__name__}: {e}", error=e)
                 self.current = None
             # Other ranks keep waiting on rank 0; rank 0 now waits on its queue.
             self._waiting = self.rank != 0
@@ -235,11 +240,12 @@ class Engine:
         emit = job.emit if job is not None else (lambda event: None)
         mx.random.seed(spec["seed"])
         sampler = make_sampler(temp=spec["temperature"], top_p=spec["top_p"])
+        processors = make_logits_processors(logit_bias=dict(spec["logit_bias"]))
         stops = StopMatcher(spec["stop"])
         finish, last = "length", None
         for last in stream_generate(self.model, self.tokenizer, mx.array(spec["prompt"]),
                                     max_tokens=spec["max_tokens"], sampler=sampler,
-                                    prompt_progress_callback=self._tick):
+                                    logits_processors=processors, prompt_progress_callback=self._tick):
             self._tick()
             text, stopped = stops.feed(last.text)
             if text:

@@ -11,13 +11,13 @@ import signal
 import sys
 import threading
 import time
-import traceback
 
 import mlx.core as mx
 
+from ..failures import exit_failed
 from ..loader import load_sharded, log
 from ..placement import resolve
-from .engine import Engine, lost_peer
+from .engine import Engine
 
 FLUSH_WAIT = 5.0  # seconds it gives open responses to deliver their error
 
@@ -42,14 +42,7 @@ def main(argv=None):
     try:
         serve(argv)
     except Exception as e:
-        if lost_peer(e):
-            # Another rank failed first; let the launcher see its exit first.
-            time.sleep(2)
-        traceback.print_exc()
-        sys.stderr.flush()
-        # Skip interpreter teardown: MLX's communication threads can keep a
-        # failed rank alive, and the others must see it go now.
-        os._exit(1)
+        exit_failed(e)
 
 
 def serve(argv=None):
@@ -93,7 +86,9 @@ def serve(argv=None):
             engine.on_failure = lambda reason: _stop_rank0(engine, 128 + signum)
             engine.fail_with_notice("the cluster is stopping (a rank exited or a stop was requested)")
 
-        signal.signal(signal.SIGTERM, on_term)
+        # A rank on another host is stopped by SIGHUP: mlx.launch ends its ssh session.
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, on_term)
         log(f"[rank 0] serving {args.model} on http://{args.host}:{args.port}/v1 ({group.size()} ranks)")
     worker = threading.Thread(target=engine.run, daemon=True, name="engine")
     worker.start()

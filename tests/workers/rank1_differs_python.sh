@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # Used as mlx.launch's --python in tests: rank 1 differs from the others as
-# if its host did. $OTHER_CHECKPOINT: it loads that checkpoint instead of the
-# one on the command line (different or missing files). $RANK1_MEMORY_LIMIT:
-# it has only that much memory (MLX_MOE_MEMORY_LIMIT).
+# if its host did. $RANK1_REPLACE: "--flag=value ..." words; rank 1 gets
+# that value for the flag instead of the command line's (another checkpoint,
+# a stale placement file). $RANK1_ENV: VAR=value words exported on rank 1
+# only (less memory, another setting, a fault injected on that host alone).
 args=("$@")
 if [ "${MLX_RANK:-0}" = "1" ]; then
-  if [ -n "${OTHER_CHECKPOINT:-}" ]; then
+  for replace in ${RANK1_REPLACE:-}; do
     for i in "${!args[@]}"; do
-      if [ "${args[$i]}" = "--model" ]; then args[$((i + 1))]="$OTHER_CHECKPOINT"; fi
+      if [ "${args[$i]}" = "${replace%%=*}" ]; then args[$((i + 1))]="${replace#*=}"; fi
     done
-  fi
-  if [ -n "${RANK1_MEMORY_LIMIT:-}" ]; then export MLX_MOE_MEMORY_LIMIT="$RANK1_MEMORY_LIMIT"; fi
+  done
+  for setting in ${RANK1_ENV:-}; do export "$setting"; done
 fi
 exec "$REAL_PYTHON" "${args[@]}"
