@@ -1,5 +1,6 @@
 """The OpenAI-compatible HTTP API (rank 0): validation, queueing jobs to the
-engine, plain and streamed (SSE) responses."""
+engine (429 when its queue is full), plain and streamed (SSE) responses,
+and cancelling the job of a client that went away."""
 
 import asyncio
 import json
@@ -17,14 +18,17 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .engine import Engine, Job
 from .metrics import CountRequests, Metrics
+from .scheduler import QueueFull
 
 DEFAULT_MAX_TOKENS = 512
+RETRY_AFTER = 1  # seconds a client refused for a full queue is told to wait
 
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, type: str = "invalid_request_error",
-                 param: Optional[str] = None, code: Optional[str] = None):
+                 param: Optional[str] = None, code: Optional[str] = None, headers: Optional[dict] = None):
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers
 
 
 def error_body(message, type="invalid_request_error", param=None, code=None) -> dict:
@@ -144,7 +148,8 @@ def create_app(engine: Engine, model_id: str, context_length: int, plan_text: st
 
     @app.exception_handler(APIError)
     async def _api_error(request, e: APIError):
-        return JSONResponse(error_body(e.message, e.type, e.param, e.code), status_code=e.status)
+        return JSONResponse(error_body(e.message, e.type, e.param, e.code), status_code=e.status,
+                            headers=e.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request, e: RequestValidationError):
@@ -199,6 +204,8 @@ def create_app(engine: Engine, model_id: str, context_length: int, plan_text: st
         if req.model not in names:
             raise APIError(404, f"The model {req.model!r} does not exist; this server serves {model_id!r}.",
                            param="model", code="model_not_found")
+        if not prompt:
+            raise APIError(400, "The prompt is empty.", param="prompt", code="empty_prompt")
         room = context_length - len(prompt)
         if room <= 0:
             raise APIError(400, f"The prompt is {len(prompt)} tokens; the context is {context_length}.",
@@ -223,28 +230,42 @@ def create_app(engine: Engine, model_id: str, context_length: int, plan_text: st
             out[token] = value
         return out
 
-    async def run(job: Job):
-        """Submit the job and yield its events as they come."""
+    def start(job: Job):
+        """Queue the job (429 if the queue is full); its events, as they come."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         job.emit = metrics.track(lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
-        engine.open_responses += 1
-        counted = True
         try:
             engine.submit(job)
+        except QueueFull as e:
+            job.emit.refused()
+            raise APIError(429, str(e), type="rate_limit_error", code="queue_full",
+                           headers={"Retry-After": str(RETRY_AFTER)})
+        return _events(job, events)
+
+    async def _events(job: Job, events: asyncio.Queue):
+        ended = False
+        engine.open_responses += 1
+        try:
             while True:
                 event = await events.get()
                 if event[0] in ("done", "error"):
+                    ended = True
                     engine.open_responses -= 1
-                    counted = False
                     yield event
                     return
                 yield event
         finally:
-            if counted:
+            if not ended:  # the client went away (this task was cancelled)
                 engine.open_responses -= 1
+                engine.cancel(job)
 
-    def respond(req: Sampling, job: Job, kind: str):
+    async def until_disconnected(request: Request):
+        # The body is read: what comes next is the end of the connection.
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    def respond(req: Sampling, job: Job, kind: str, request: Request):
         rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
         obj = "chat.completion" if kind == "chat" else "text_completion"
         now = int(time.time())
@@ -256,10 +277,11 @@ def create_app(engine: Engine, model_id: str, context_length: int, plan_text: st
             body = {"content": text} if streaming else {"role": "assistant", "content": text}
             return {"index": 0, key: body, "finish_reason": finish}
 
+        events = start(job)
         if not req.stream:
-            async def whole():
+            async def collect():
                 text = []
-                async for event in run(job):
+                async for event in events:
                     if event[0] == "text":
                         text.append(event[1])
                     elif event[0] == "error":
@@ -268,6 +290,18 @@ def create_app(engine: Engine, model_id: str, context_length: int, plan_text: st
                         usage = {k: v for k, v in event[2].items() if k.endswith("tokens")}
                         return {"id": rid, "object": obj, "created": now, "model": req.model,
                                 "choices": [choice("".join(text), event[1], False)], "usage": usage}
+
+            async def whole():
+                # A client that leaves before the answer frees its place.
+                answer = asyncio.ensure_future(collect())
+                gone = asyncio.ensure_future(until_disconnected(request))
+                await asyncio.wait((answer, gone), return_when=asyncio.FIRST_COMPLETED)
+                gone.cancel()
+                if answer.done():
+                    return answer.result()
+                answer.cancel()
+                await asyncio.gather(answer, return_exceptions=True)
+                return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
             return whole()
 
         chunk_obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
@@ -281,7 +315,7 @@ def create_app(engine: Engine, model_id: str, context_length: int, plan_text: st
 
             if kind == "chat":
                 yield chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
-            async for event in run(job):
+            async for event in events:
                 if event[0] == "text":
                     yield chunk([choice(event[1], None, True)])
                 elif event[0] == "error":
@@ -299,16 +333,16 @@ def create_app(engine: Engine, model_id: str, context_length: int, plan_text: st
         return StreamingResponse(sse(), media_type="text/event-stream")
 
     @app.post("/v1/chat/completions")
-    async def chat(req: ChatRequest):
+    async def chat(req: ChatRequest, request: Request):
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
         prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         ids = encode(tokenizer, prompt) if isinstance(prompt, str) else list(prompt)
-        out = respond(req, prepare(req, ids), "chat")
+        out = respond(req, prepare(req, ids), "chat", request)
         return await out if not req.stream else out
 
     @app.post("/v1/completions")
-    async def completions(req: CompletionRequest):
-        out = respond(req, prepare(req, encode(tokenizer, req.prompt)), "text")
+    async def completions(req: CompletionRequest, request: Request):
+        out = respond(req, prepare(req, encode(tokenizer, req.prompt)), "text", request)
         return await out if not req.stream else out
 
     metrics.paths = {route.path for route in app.routes}

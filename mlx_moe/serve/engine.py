@@ -1,17 +1,22 @@
-"""The lockstep engine: every rank runs the same generations in the same
-order; rank 0 decides what runs next and tells the others.
+"""The lockstep engine: every rank runs the same batch of generations, step
+by step; rank 0 decides which requests join and leave and tells the others.
 
-Between generations rank 0 broadcasts the next job (prompt tokens and
-sampling settings) with two all_sums; the others wait for it. Inside a
-generation nothing is exchanged but the model's own collectives: every rank
-samples with the same seed from the same logits and applies the same stop
-rules, so they finish on the same token without a per-token message.
+A step, on every rank: one exchange of rank 0's plan (scheduler.exchange:
+one all_sum of 1 KiB, two when the new prompts do not fit), then the same
+inserts and removals on mlx-lm's BatchGenerator, then one `next()`: a
+decode step of every running sequence (the expert-parallel model still
+makes one combine per MoE layer, for the whole batch) plus, while new
+prompts are being read, one chunk of at most `prefill_step_size` of their
+tokens (and that chunk's collectives), so a long prompt does not stall the
+running streams. Sampling needs no exchange: every rank samples the same
+token from the same logits with the request's own seeded key, and
+end-of-sequence and max_tokens end a sequence inside the generator
+identically everywhere. Stop strings are matched on rank 0, which removes
+the sequence in the next plan.
 """
 
 import faulthandler
-import json
 import os
-import queue
 import random
 import threading
 import time
@@ -19,17 +24,17 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
 import mlx.core as mx
-import numpy as np
-from mlx_lm import stream_generate
-from mlx_lm.sample_utils import make_logits_processors, make_sampler
+from mlx_lm.generate import BatchGenerator
+from mlx_lm.sample_utils import make_logits_processors
 
 from .. import comm
 from ..expert import expert_loads
 from ..failures import lost_peer, rank_failed
 from ..loader import log
+from .scheduler import Scheduler, exchange, request_sampler
 
 
-@dataclass
+@dataclass(eq=False)
 class Job:
     prompt: List[int]
     max_tokens: int
@@ -41,24 +46,13 @@ class Job:
     # Called on rank 0 from the engine thread: ("text", str) per piece, then
     # ("done", finish_reason, usage) or ("error", message).
     emit: Callable = print
+    cancelled: bool = False  # the client went away (set by the HTTP side)
 
     def spec(self) -> dict:
-        seed = self.seed if self.seed is not None else random.randrange(2**31)
-        return dict(op="generate", prompt=self.prompt, max_tokens=self.max_tokens,
-                    temperature=self.temperature, top_p=self.top_p, seed=seed, stop=self.stop,
-                    logit_bias=[[k, v] for k, v in self.logit_bias.items()])
-
-
-def broadcast_json(obj, group) -> dict:
-    """Rank 0's `obj` on every rank (others pass None)."""
-    # The last generation's queued step must finish before these collectives.
-    comm.settle()
-    data = np.frombuffer(json.dumps(obj).encode(), dtype=np.uint8) if obj is not None else None
-    n = comm.all_sum(mx.array([len(data) if data is not None else 0], dtype=mx.int32), group)
-    n = int(n.item())
-    buf = mx.array(data) if data is not None else mx.zeros((n,), dtype=mx.uint8)
-    out = comm.all_sum(buf, group)
-    return json.loads(bytes(np.array(out)).decode())
+        """What every rank needs to run it (stop strings stay on rank 0)."""
+        seed = self.seed % 2**64 if self.seed is not None else random.randrange(2**31)
+        return dict(prompt=self.prompt, max_tokens=self.max_tokens, temperature=self.temperature,
+                    top_p=self.top_p, seed=seed, logit_bias=[[k, v] for k, v in self.logit_bias.items()])
 
 
 class StopMatcher:
@@ -93,7 +87,8 @@ class StopMatcher:
 
 
 NOTICE_WAIT = 3.0
-LOAD_REFRESH = 1.0  # seconds between expert-load snapshots while jobs are queued
+LOAD_REFRESH = 1.0  # seconds between expert-load snapshots while others run
+PREFILL_BATCH = 8  # prompts read together, in one padded chunk (mlx-lm's default)
 
 
 def clear_cache_without_gil(clear_cache=mx.clear_cache):
@@ -109,19 +104,21 @@ def clear_cache_without_gil(clear_cache=mx.clear_cache):
 
 
 class Engine:
-    """Runs on every rank. Rank 0 takes jobs from `submit` and broadcasts
-    each; when idle it broadcasts a ping every `heartbeat` seconds so every
+    """Runs on every rank. Rank 0 takes jobs from `submit` (at most
+    `max_queue` waiting, else QueueFull) and runs up to `max_concurrency` at
+    once; when idle it sends a ping plan every `heartbeat` seconds so every
     rank keeps seeing the cluster alive. A watchdog stops the process when
     the cluster makes no progress for `watchdog` seconds while this rank is
     waiting on it (a stalled or lost rank), instead of spinning forever."""
 
-    def __init__(self, model, tokenizer, group, heartbeat: float = 5.0, watchdog: float = 60.0):
+    def __init__(self, model, tokenizer, group, heartbeat: float = 5.0, watchdog: float = 60.0,
+                 max_concurrency: int = 16, max_queue: int = 64, prefill_step_size: int = 512):
         self.model, self.tokenizer, self.group = model, tokenizer, group
         self.rank = group.rank()
-        self.jobs: "queue.Queue[Optional[Job]]" = queue.Queue()
+        self.max_concurrency, self.prefill_step_size = max_concurrency, prefill_step_size
+        self.scheduler = Scheduler(tokenizer, StopMatcher, max_concurrency, max_queue)
         self.ready = threading.Event()
         self.heartbeat, self.watchdog = heartbeat, watchdog
-        self.current: Optional[Job] = None
         self.open_responses = 0  # HTTP responses still being written (rank 0)
         self.failure: Optional[str] = None  # set once the cluster is lost
         self.notice: Optional[str] = None  # why, when the launcher knows (a rank exited)
@@ -129,33 +126,34 @@ class Engine:
         self.expert_load = []  # ExpertLoad per MoE block, a recent snapshot (rank 0, for /metrics)
         self._load_time = 0.0
         self.on_failure = lambda reason: os._exit(3)
+        # After each step (rank 0): (running, waiting, sequences decoded, KV cache bytes).
+        self.on_step = lambda running, waiting, decoded, kv_bytes: None
         self._progress = time.monotonic()
-        self._waiting = False  # inside a collective or a generation
+        self._waiting = False  # inside a collective or a step
         self._done = False
 
     def submit(self, job: Job) -> None:
         if self.failure:
             job.emit(("error", self.failure))
             return
-        self.jobs.put(job)
+        self.scheduler.submit(job)
+
+    def cancel(self, job: Job) -> None:
+        """Its client went away: it leaves the batch at the next step."""
+        self.scheduler.cancel(job)
 
     def shutdown(self) -> None:
-        self.jobs.put(None)
+        self.scheduler.stop()
 
     def fail(self, reason: str, error: Optional[Exception] = None) -> None:
-        """The cluster is lost: end the job in flight with `reason`, refuse
-        new ones, and let `on_failure` stop this rank. `error`: this rank's
-        own failure, reported for the launcher to pass on."""
+        """The cluster is lost: end every job, running or waiting, with
+        `reason`, refuse new ones, and let `on_failure` stop this rank.
+        `error`: this rank's own failure, reported for the launcher to pass on."""
         if self.failure:
             return
         self.failure = reason
-        job = self.current
-        if job is not None:
+        for job in self.scheduler.drain():
             job.emit(("error", reason))
-        while not self.jobs.empty():
-            pending = self.jobs.get_nowait()
-            if pending is not None:
-                pending.emit(("error", reason))
         # Logged after the clients are told: stderr is a pipe that may block.
         if error is not None:
             rank_failed(self.rank, error)
@@ -193,77 +191,73 @@ class Engine:
         if not getattr(mx.clear_cache, "without_gil", False):
             mx.clear_cache = clear_cache_without_gil()
         threading.Thread(target=self._watch, daemon=True, name="watchdog").start()
+        generator = self.generator()
+        live = set()  # the generator's sequences: the same ids on every rank
         self._snapshot_load()
         self.ready.set()
-        while True:
-            job = spec = None
-            if self.rank == 0:
-                try:
-                    job = self.jobs.get(timeout=self.heartbeat)
-                    spec = job.spec() if job else {"op": "shutdown"}
-                except queue.Empty:
-                    spec = {"op": "ping"}
-            self._tick()
-            self._waiting = True
-            spec = broadcast_json(spec, self.group)
-            self._tick()
-            if spec["op"] == "shutdown":
-                self._done = True
-                return
-            if spec["op"] == "generate":
-                self.current = job
-                try:
-                    self._generate(spec, job)
-                except Exception as e:
-                    if lost_peer(e):
-                        self.fail_with_notice(f"lost the cluster ({e})")
-                    else:
-                        # It may have failed on this rank only (out of memory,
-                        # a Metal error), the others waiting inside this step's
-                        # collectives: no rank can go on in step, so the
-                        # cluster stops, saying which rank failed and why.
-                        self.fail(f"rank {self.rank} failed: {type(e).__name__}: {e}", error=e)
-                self.current = None
-            # Other ranks keep waiting on rank 0; rank 0 now waits on its queue.
-            self._waiting = self.rank != 0
+        try:
+            while self.step(generator, live):
+                pass
+        except Exception as e:
+            if lost_peer(e):
+                self.fail_with_notice(f"lost the cluster ({e})")
+            else:
+                # It may have failed on this rank only (out of memory, a
+                # Metal error), the others waiting inside this step's
+                # collectives: no rank can go on in step, so the cluster
+                # stops, saying which rank failed and why.
+                self.fail(f"rank {self.rank} failed: {type(e).__name__}: {e}", error=e)
+
+    def generator(self) -> BatchGenerator:
+        """The batch this rank runs; `step` drives it."""
+        return BatchGenerator(
+            self.model, stop_tokens=[[t] for t in self.tokenizer.eos_token_ids],
+            completion_batch_size=self.max_concurrency,
+            prefill_batch_size=min(PREFILL_BATCH, self.max_concurrency),
+            prefill_step_size=self.prefill_step_size)
+
+    def step(self, generator: BatchGenerator, live: set) -> bool:
+        """One lockstep step: exchange the plan, apply it, run the batch.
+        False once rank 0 says stop."""
+        plan = None
+        if self.rank == 0:
+            self._waiting = False  # it may wait for a request now, not for the cluster
+            plan = self.scheduler.plan(self.heartbeat)
+        self._tick()
+        self._waiting = True
+        plan = exchange(plan, self.group)
+        self._tick()
+        if plan["op"] == "shutdown":
+            self._done = True
+            return False
+        if plan["op"] == "step":
+            # Removals first, then inserts, in the plan's order: the
+            # generator numbers new sequences alike on every rank.
+            generator.remove(plan["remove"])
+            live.difference_update(plan["remove"])
+            if plan["add"]:
+                add = plan["add"]
+                uids = generator.insert(
+                    [r["prompt"] for r in add], max_tokens=[r["max_tokens"] for r in add],
+                    samplers=[request_sampler(r["temperature"], r["top_p"], r["seed"]) for r in add],
+                    logits_processors=[make_logits_processors(logit_bias=dict(r["logit_bias"])) for r in add])
+                live.update(uids)
+                if self.rank == 0:
+                    self.scheduler.joined(uids)
+        responses = generator.next()[1] if live else []
+        self._tick()
+        live.difference_update(r.uid for r in responses if r.finish_reason)
+        if self.rank == 0:
+            self.scheduler.deliver(responses, self._snapshot_load)
+            self.on_step(*self.scheduler.counts(), len(responses), generator.prompt_cache_nbytes)
+        return True
 
     def _snapshot_load(self) -> None:
         # On the engine thread, because counting evaluates MLX arrays; before
         # an answer's end is sent, so a scrape after it includes its tokens
-        # (the wait is the step mlx-lm computed ahead, at most); while jobs
-        # are queued, at most every LOAD_REFRESH s.
+        # (the wait is the step mlx-lm computed ahead, at most); while others
+        # run or wait, at most every LOAD_REFRESH s.
         now = time.monotonic()
-        if self.rank == 0 and (self.jobs.empty() or now - self._load_time >= LOAD_REFRESH):
+        busy = any(self.scheduler.counts())
+        if self.rank == 0 and (not busy or now - self._load_time >= LOAD_REFRESH):
             self.expert_load, self._load_time = expert_loads(self.model), now
-
-    def _generate(self, spec: dict, job: Optional[Job]) -> None:
-        emit = job.emit if job is not None else (lambda event: None)
-        mx.random.seed(spec["seed"])
-        sampler = make_sampler(temp=spec["temperature"], top_p=spec["top_p"])
-        processors = make_logits_processors(logit_bias=dict(spec["logit_bias"]))
-        stops = StopMatcher(spec["stop"])
-        finish, last = "length", None
-        for last in stream_generate(self.model, self.tokenizer, mx.array(spec["prompt"]),
-                                    max_tokens=spec["max_tokens"], sampler=sampler,
-                                    logits_processors=processors, prompt_progress_callback=self._tick):
-            self._tick()
-            text, stopped = stops.feed(last.text)
-            if text:
-                emit(("text", text))
-            if stopped:
-                finish = "stop"
-                break
-            if last.finish_reason:
-                finish = last.finish_reason
-        else:
-            rest = stops.flush()
-            if rest:
-                emit(("text", rest))
-        completion = last.generation_tokens if last is not None else 0
-        self._snapshot_load()
-        emit(("done", finish, {
-            "prompt_tokens": len(spec["prompt"]),
-            "completion_tokens": completion,
-            "total_tokens": len(spec["prompt"]) + completion,
-            "generation_tps": last.generation_tps if last is not None else 0.0,
-        }))

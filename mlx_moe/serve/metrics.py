@@ -1,5 +1,6 @@
 """Prometheus metrics of the server (rank 0): requests, latency, time to
-first token, tokens, queue depth, and how the routed tokens spread over the
+first token, tokens, queue depth, the batch (running and waiting requests,
+sequences per step, KV cache bytes), and how the routed tokens spread over the
 experts and ranks of every MoE layer.
 
 Each app has its own registry, so several servers in one process (tests)
@@ -16,6 +17,7 @@ from ..placement import spread
 # A generation takes from tens of milliseconds to minutes.
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320, float("inf"))
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, float("inf"))
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, float("inf"))
 
 
 class Metrics:
@@ -38,7 +40,24 @@ class Metrics:
         self.tokens_per_second = Gauge("mlx_moe_generation_tokens_per_second",
                                        "Decode rate of the last finished generation of 2+ tokens", registry=r)
         self.queue_depth = Gauge("mlx_moe_queue_depth", "Generation requests waiting or running", registry=r)
+        self.running = Gauge("mlx_moe_requests_running", "Requests in the batch, as of the last step",
+                             registry=r)
+        self.waiting = Gauge("mlx_moe_requests_waiting", "Requests waiting for a place in the batch, "
+                             "as of the last step", registry=r)
+        self.batch_size = Histogram("mlx_moe_batch_size", "Sequences decoded together, per step that decoded",
+                                    buckets=BATCH_BUCKETS, registry=r)
+        self.kv_cache_bytes = Gauge("mlx_moe_kv_cache_bytes", "Bytes of the batch's KV caches (one rank)",
+                                    registry=r)
+        engine.on_step = self.step
         r.register(ExpertLoadCollector(engine))
+
+    def step(self, running: int, waiting: int, decoded: int, kv_bytes: int) -> None:
+        """Called by the engine after each step."""
+        self.running.set(running)
+        self.waiting.set(waiting)
+        self.kv_cache_bytes.set(kv_bytes)
+        if decoded:
+            self.batch_size.observe(decoded)
 
     def count_request(self, path: str, status: int) -> None:
         self.requests.labels(path if path in self.paths else "other", str(status)).inc()
@@ -47,31 +66,41 @@ class Metrics:
         """`emit` (a job's event sink) wrapped to record the job: call when
         it is queued. Events arrive on the engine thread, before the client
         sees them, so a scrape after an answer always counts it."""
-        start = time.perf_counter()
-        first, open_ = True, True
-        self.queue_depth.inc()
+        return Tracked(self, emit)
 
-        def tracked(event):
-            nonlocal first, open_
-            if open_:
-                kind = event[0]
-                if first and kind in ("text", "done"):
-                    first = False
-                    self.ttft.observe(time.perf_counter() - start)
-                if kind in ("done", "error"):
-                    open_ = False  # a failing cluster may end a job twice
-                    self.queue_depth.dec()
-                    self.latency.observe(time.perf_counter() - start)
-                if kind == "done":
-                    usage = event[2]
-                    self.prompt_tokens.inc(usage["prompt_tokens"])
-                    self.generated_tokens.inc(usage["completion_tokens"])
-                    # One token gives no rate: mlx-lm times from the first token.
-                    if usage["completion_tokens"] > 1:
-                        self.tokens_per_second.set(usage["generation_tps"])
-            emit(event)
 
-        return tracked
+class Tracked:
+    """A job's event sink that records it; `refused()` if it never got queued."""
+
+    def __init__(self, metrics: Metrics, emit):
+        self.metrics, self.emit = metrics, emit
+        self.start = time.perf_counter()
+        self.first, self.open = True, True
+        metrics.queue_depth.inc()
+
+    def refused(self) -> None:
+        self.open = False
+        self.metrics.queue_depth.dec()
+
+    def __call__(self, event) -> None:
+        m = self.metrics
+        if self.open:
+            kind = event[0]
+            if self.first and kind in ("text", "done"):
+                self.first = False
+                m.ttft.observe(time.perf_counter() - self.start)
+            if kind in ("done", "error"):
+                self.open = False  # a failing cluster may end a job twice
+                m.queue_depth.dec()
+                m.latency.observe(time.perf_counter() - self.start)
+            if kind == "done":
+                usage = event[2]
+                m.prompt_tokens.inc(usage["prompt_tokens"])
+                m.generated_tokens.inc(usage["completion_tokens"])
+                # One token gives no rate: mlx-lm times from the first token.
+                if usage["completion_tokens"] > 1:
+                    m.tokens_per_second.set(usage["generation_tps"])
+        self.emit(event)
 
 
 class CountRequests:

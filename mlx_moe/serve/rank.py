@@ -58,13 +58,18 @@ def serve(argv=None):
     p.add_argument("--watchdog-timeout", type=float, default=60.0)
     p.add_argument("--heartbeat", type=float, default=5.0)
     p.add_argument("--max-body-bytes", type=int, default=None)
+    p.add_argument("--max-concurrency", type=int, default=16)
+    p.add_argument("--max-queue", type=int, default=64)
+    p.add_argument("--prefill-step-size", type=int, default=512)
     args = p.parse_args(argv)
 
     group = mx.distributed.init()
     placement = resolve(args.placement, args.expert_load, group.size())
     model, tokenizer = load_sharded(args.model, group, args.strategy, placement=placement,
                                     max_collective_bytes=args.max_collective_bytes)
-    engine = Engine(model, tokenizer, group, heartbeat=args.heartbeat, watchdog=args.watchdog_timeout)
+    engine = Engine(model, tokenizer, group, heartbeat=args.heartbeat, watchdog=args.watchdog_timeout,
+                    max_concurrency=args.max_concurrency, max_queue=args.max_queue,
+                    prefill_step_size=args.prefill_step_size)
     if group.rank() == 0:
         import uvicorn
 

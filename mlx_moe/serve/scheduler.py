@@ -1,0 +1,202 @@
+"""Continuous batching in lockstep: the per-step plan and rank 0's side of it.
+
+Every step, rank 0 writes a plan, a small piece of data: the requests that
+join the batch (prompt tokens, max_tokens, sampling settings, a seed) and
+the ids of those that leave (cancelled by their client, or a stop string
+reached). `exchange` gives it to every rank in one all_sum of HEADER_BYTES
+(a second one only when it does not fit); every rank then applies it to its
+mlx-lm BatchGenerator in the same order, so the ids the generator assigns
+agree, and runs the same step. End-of-sequence and max_tokens end a
+sequence inside the generator, identically on every rank; text, stop
+strings and the clients live on rank 0 only (`Scheduler`)."""
+
+import json
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional
+
+import mlx.core as mx
+import numpy as np
+from mlx_lm.sample_utils import apply_top_p
+
+from .. import comm
+
+# A plan with a few removals, or one short request, fits in the first exchange.
+HEADER_BYTES = 1024
+CANCELLED = "cancelled: the client went away"
+
+
+def exchange(plan: Optional[dict], group) -> dict:
+    """Rank 0's `plan` on every rank (the others pass None)."""
+    # A step mlx-lm queued ahead may still be running its collectives; this
+    # exchange must not pair with one of them on another rank.
+    comm.settle()
+    room = HEADER_BYTES - 4
+    header = np.zeros(HEADER_BYTES, np.uint8)
+    if plan is not None:
+        data = json.dumps(plan, separators=(",", ":")).encode()
+        header[:4] = np.frombuffer(np.array([len(data)], "<u4").tobytes(), np.uint8)
+        header[4:4 + min(len(data), room)] = np.frombuffer(data[:room], np.uint8)
+    # The others add zeros: a sum of one rank's bytes is exact.
+    header = np.array(comm.all_sum(mx.array(header), group))
+    size = int(header[:4].view("<u4")[0])
+    got = bytes(header[4:4 + min(size, room)])
+    if size > room:
+        rest = np.frombuffer(data[room:], np.uint8) if plan is not None else np.zeros(size - room, np.uint8)
+        got += bytes(np.array(comm.all_sum(mx.array(rest), group)))
+    return json.loads(got)
+
+
+def request_sampler(temperature: float, top_p: float, seed: int):
+    """A sampler for one request that does not touch the global random
+    state: its own key, split at every token, so a seeded request draws the
+    same tokens alone or in any batch, on every rank. None (the generator's
+    batched argmax) for temperature 0."""
+    if temperature == 0:
+        return None
+    key = mx.random.key(seed)
+
+    def sample(logprobs: mx.array) -> mx.array:
+        nonlocal key
+        key, sub = mx.random.split(key)
+        if top_p < 1:
+            logprobs = apply_top_p(logprobs, top_p)
+        return mx.random.categorical(logprobs * (1 / temperature), key=sub)
+
+    return sample
+
+
+class QueueFull(Exception):
+    pass
+
+
+@dataclass(eq=False)
+class Active:
+    """A request in the batch (rank 0): its client and text state."""
+    job: object
+    detokenizer: object
+    stops: object
+    tokens: int = 0
+    first: float = 0.0  # when its first token came
+
+
+class Scheduler:
+    """Rank 0: the waiting requests (at most `max_waiting`), the running ones
+    (at most `max_running`), and the plan of each step."""
+
+    def __init__(self, tokenizer, make_stops: Callable, max_running: int, max_waiting: int):
+        self.tokenizer, self.make_stops = tokenizer, make_stops
+        self.max_running, self.max_waiting = max_running, max_waiting
+        self.cond = threading.Condition()
+        self.waiting: deque = deque()
+        self.running: Dict[int, Active] = {}
+        self.leaving: List[int] = []  # ids to remove in the next plan
+        self.joining: list = []  # jobs of the last plan, in its order
+        self.stopping = False
+
+    def submit(self, job) -> None:
+        with self.cond:
+            if len(self.waiting) >= self.max_waiting:
+                raise QueueFull(f"The server is busy: {len(self.waiting)} requests are already waiting. "
+                                "Retry later.")
+            self.waiting.append(job)
+            self.cond.notify()
+
+    def cancel(self, job) -> None:
+        """The client went away: drop the job, or have it leave the batch at the next step."""
+        with self.cond:
+            if job in self.waiting:
+                self.waiting.remove(job)
+                job.emit(("error", CANCELLED))
+            else:
+                job.cancelled = True
+
+    def stop(self) -> None:
+        with self.cond:
+            self.stopping = True
+            self.cond.notify()
+
+    def plan(self, timeout: float) -> dict:
+        """The next step's plan; with nothing running or waiting, waits up to
+        `timeout` for a request, then sends a ping (keeps the watchdogs fed)."""
+        with self.cond:
+            if not (self.running or self.leaving or self.waiting or self.stopping):
+                self.cond.wait(timeout)
+            if self.stopping:
+                return {"op": "shutdown"}
+            for uid, active in list(self.running.items()):
+                if active.job.cancelled:
+                    self._leave(uid)
+                    active.job.emit(("error", CANCELLED))
+            free = self.max_running - len(self.running)
+            self.joining = [self.waiting.popleft() for _ in range(min(free, len(self.waiting)))]
+            leaving, self.leaving = self.leaving, []
+        if not (self.joining or leaving or self.running):
+            return {"op": "ping"}
+        return {"op": "step", "add": [job.spec() for job in self.joining], "remove": leaving}
+
+    def joined(self, uids: List[int]) -> None:
+        """The generator's ids for the jobs of the last plan."""
+        for uid, job in zip(uids, self.joining):
+            self.running[uid] = Active(job, self.tokenizer.detokenizer, self.make_stops(job.stop))
+        self.joining = []
+
+    def _leave(self, uid: int) -> None:
+        self.running.pop(uid, None)
+        self.leaving.append(uid)
+
+    def deliver(self, responses, before_done: Callable) -> None:
+        """Text of each generated token to its client; a request that ends
+        gets its usage (`before_done` runs first, once per step)."""
+        ended = []
+        for r in responses:
+            active = self.running.get(r.uid)
+            if active is None:  # cancelled at this step
+                continue
+            active.tokens += 1
+            if active.tokens == 1:
+                active.first = time.perf_counter()
+            detok = active.detokenizer
+            if r.finish_reason != "stop":  # end-of-sequence gives no text
+                detok.add_token(r.token)
+            if r.finish_reason:
+                detok.finalize()
+            text, stopped = active.stops.feed(detok.last_segment)
+            if text:
+                active.job.emit(("text", text))
+            if stopped or r.finish_reason:
+                with self.cond:
+                    if stopped and not r.finish_reason:
+                        self._leave(r.uid)  # the generator still runs it
+                    else:
+                        self.running.pop(r.uid, None)  # a failure may have drained it
+                        rest = active.stops.flush()
+                        if rest:
+                            active.job.emit(("text", rest))
+                ended.append((active, "stop" if stopped else r.finish_reason))
+        if ended:
+            before_done()
+        for active, finish in ended:
+            job, n = active.job, active.tokens
+            elapsed = time.perf_counter() - active.first
+            active.job.emit(("done", finish, {
+                "prompt_tokens": len(job.prompt), "completion_tokens": n,
+                "total_tokens": len(job.prompt) + n,
+                # mlx-lm's rate: from the first token on.
+                "generation_tps": n / elapsed if elapsed > 0 else 0.0,
+            }))
+
+    def drain(self) -> list:
+        """Every job not yet answered, waiting or running; none are left."""
+        with self.cond:
+            jobs = [a.job for a in self.running.values()] + list(self.waiting) + self.joining
+            self.running.clear()
+            self.waiting.clear()
+            self.joining = []
+            return jobs
+
+    def counts(self):
+        """(running, waiting)."""
+        return len(self.running), len(self.waiting)
