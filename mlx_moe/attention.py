@@ -35,7 +35,9 @@ MIN_QUERIES = 16
 # and receives D values for it instead: at ~15 TFLOP/s and ~8 GB/s (bf16)
 # that breaks even near S = 1000 keys; 4096 leaves room for slower links.
 MIN_KEYS = 1 if mx.default_device() == mx.cpu else 4096
-# Rows (tokens) from which the attention's projections are split by rows.
+# Tokens per sequence from which the attention's projections are split by
+# rows (a batch of decode steps, one token each, stays whole: decode keeps
+# one collective per MoE layer however large the batch).
 # On the CPU a 2048-token prompt spends about as long in them as in the
 # core. On a GPU a linear layer does about `in` flops per byte of output it
 # would gather, near the break-even of ~15 TFLOP/s over ~8 GB/s for these
@@ -102,7 +104,7 @@ def _split_rows(self, x):
     """A linear layer on this rank's 1/N of the rows of `x`, gathered."""
     group = _GROUP.get()
     rows = x.size // x.shape[-1]
-    if group is None or rows < MIN_ROWS:
+    if group is None or (x.shape[-2] if x.ndim > 2 else rows) < MIN_ROWS:
         return super(type(self), self).__call__(x)
     n = group.size()
     per = -(-rows // n)

@@ -219,9 +219,9 @@ def test_killed_rank_ends_every_stream_of_the_batch(model_path):
 
 
 def test_a_batched_step_costs_one_exchange_and_one_combine_per_moe_layer(model_path, tmp_path):
-    # Batches under 16 rows: from 16 on the CPU backend also splits the
-    # attention's projections by rows (attention.MIN_ROWS), 4 all_gathers a layer.
-    spec = {"checkpoint": str(model_path), "batches": [1, 4, 15], "max_tokens": 16}
+    # 16 and 17 sequences: as many rows as a prompt the CPU backend splits the
+    # attention's projections of (attention.MIN_ROWS), but one token each.
+    spec = {"checkpoint": str(model_path), "batches": [1, 4, 16, 17], "max_tokens": 16}
     for out in launch("batch_step_worker", spec, 2, tmp_path):
         for batch in spec["batches"]:
             assert out[str(batch)] == {"collectives": 1 + out["moe_layers"], "live": batch}
