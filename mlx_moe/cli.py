@@ -150,7 +150,7 @@ def _serve_argv(args):
     if args.max_collective_bytes:
         argv += ["--max-collective-bytes", str(args.max_collective_bytes)]
     for flag in ("max_context", "watchdog_timeout", "max_body_bytes", "max_concurrency", "max_queue",
-                 "prefill_step_size"):
+                 "prefill_step_size", "prompt_cache_bytes"):
         if getattr(args, flag, None):
             argv += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
     return argv
@@ -298,6 +298,10 @@ def main(argv=None):
                    help="requests waiting for a place in the batch; more get 429 (default: 64)")
     s.add_argument("--prefill-step-size", type=int, default=None,
                    help="prompt tokens read per step while others decode (default: 512)")
+    s.add_argument("--prompt-cache-bytes", type=int, default=None,
+                   help="bound of the prefix cache, the KV caches of finished requests kept so a prompt "
+                        "that starts the same (a chat's next turn) prefills only its new tokens; 0 turns "
+                        "it off (default: a quarter of the free memory of the host with the least)")
     _add_cluster_args(s)
     s.set_defaults(func=cmd_serve)
 

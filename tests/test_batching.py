@@ -225,3 +225,28 @@ def test_a_batched_step_costs_one_exchange_and_one_combine_per_moe_layer(model_p
     for out in launch("batch_step_worker", spec, 2, tmp_path):
         for batch in spec["batches"]:
             assert out[str(batch)] == {"collectives": 1 + out["moe_layers"], "live": batch}
+
+
+def _messages_prompt(model_path, messages):
+    """The chat prompt of `messages`, as the single-process reference reads it."""
+    return load_tokenizer(Path(model_path)).apply_chat_template(messages, add_generation_prompt=True)
+
+
+def test_follow_up_turn_reads_its_prefix_from_the_cache(server, model_path):
+    """A chat's second turn starts with the first turn and its answer: only
+    the new tokens are prefilled, and the answer is what one process gives
+    reading the whole conversation."""
+    client = _client(server)
+    first = [{"role": "user", "content": "Tell me everything about " + "the river and the mill, " * 20}]
+    r1 = client.chat.completions.create(model=str(model_path), messages=first, max_tokens=12, temperature=0)
+    follow = first + [{"role": "assistant", "content": r1.choices[0].message.content},
+                      {"role": "user", "content": "And the bridges?"}]
+    r2 = client.chat.completions.create(model=str(model_path), messages=follow, max_tokens=12, temperature=0)
+    prompt1 = _messages_prompt(model_path, first)
+    # Earlier requests share at most the template's opening with it.
+    assert r1.usage.prompt_tokens_details.cached_tokens < 10
+    # The cache held at least the whole first prompt (and some of its answer).
+    assert len(prompt1) <= r2.usage.prompt_tokens_details.cached_tokens < r2.usage.prompt_tokens
+    assert r2.choices[0].message.content == oracle.greedy_text(
+        model_path, _messages_prompt(model_path, follow), 12)
+    assert value(_scrape(server), "mlx_moe_prompt_cached_tokens_total") >= len(prompt1)

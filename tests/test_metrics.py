@@ -136,10 +136,11 @@ def test_metrics_after_requests_to_two_ranks(checkpoint):
             stream=True, stream_options=usage_opt) if c.usage]
         assert len(usages) == 5
 
-        # Every prompt token is prefilled and every generated token is fed
-        # back (mlx-lm computes one step ahead, also past the last token), so
-        # each layer routes (prompt + completion tokens) x top_k pairs.
-        want = sum(u.total_tokens for u in usages) * top_k
+        # Every prompt token the prefix cache did not hold is prefilled and
+        # every generated token is fed back (mlx-lm computes one step ahead,
+        # also past the last token), so each layer routes (prompt - cached +
+        # completion tokens) x top_k pairs.
+        want = sum(u.total_tokens - u.prompt_tokens_details.cached_tokens for u in usages) * top_k
         page = scrape()  # the engine refreshes the expert counts before an answer ends
         totals = {layer: sum(e.values()) for layer, e in by_layer(page, "mlx_moe_expert_tokens_total").items()}
         assert totals == {layer: want for layer in layers}

@@ -6,19 +6,25 @@ import asyncio
 import json
 import time
 import uuid
+from contextlib import aclosing
 from pathlib import Path
-from typing import Dict, List, Literal, Optional, Union
+from typing import Dict, List, Optional, Union
 
 from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .anthropic import Generation, anthropic_router
+from .chat import ChatFields, ChatOutput, build_prompt
 from .engine import Engine, Job
 from .metrics import CountRequests, Metrics
 from .scheduler import QueueFull
+from .status import status_router
+from .structured import RequestError
 
 DEFAULT_MAX_TOKENS = 512
 RETRY_AFTER = 1  # seconds a client refused for a full queue is told to wait
@@ -35,25 +41,13 @@ def error_body(message, type="invalid_request_error", param=None, code=None) -> 
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
-class TextPart(BaseModel):
-    type: Literal["text"]
-    text: StrictStr
-
-
-class Message(BaseModel):
-    role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: Union[StrictStr, List[TextPart]]
-
-    def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
-
-
 class StreamOptions(BaseModel):
     include_usage: StrictBool = False
 
 
 class Sampling(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # An unknown field is a 400 naming it, rather than a setting silently not applied.
+    model_config = ConfigDict(extra="forbid")
     model: StrictStr
     max_tokens: Optional[StrictInt] = Field(None, gt=0)
     max_completion_tokens: Optional[StrictInt] = Field(None, gt=0)
@@ -65,14 +59,23 @@ class Sampling(BaseModel):
     stream: StrictBool = False
     stream_options: Optional[StreamOptions] = None
     n: StrictInt = Field(1, ge=1, le=1)
+    user: Optional[StrictStr] = None  # accepted and ignored: no per-user accounting
+    # Beyond OpenAI's fields, those of mlx-lm's and vLLM's servers (top_k,
+    # min_p, repetition_penalty); penalties look back PENALTY_CONTEXT tokens.
+    top_k: StrictInt = Field(0, ge=0)
+    min_p: float = Field(0.0, ge=0, le=1)
+    repetition_penalty: Optional[float] = Field(None, gt=0)
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
 
 
-class ChatRequest(Sampling):
-    messages: List[Message] = Field(min_length=1)
+class ChatRequest(Sampling, ChatFields):
+    pass
 
 
 class CompletionRequest(Sampling):
-    prompt: StrictStr
+    # Text, or token ids; a list of them is several prompts, one choice each.
+    prompt: Union[StrictStr, List[StrictInt], List[StrictStr], List[List[StrictInt]]]
 
 
 def encode(tokenizer, prompt: str) -> List[int]:
@@ -125,6 +128,14 @@ class _TooLarge(Exception):
     pass
 
 
+def route_paths(routes):
+    for route in routes:
+        if hasattr(route, "path"):
+            yield route.path
+        else:  # FastAPI 0.165 keeps an included router whole (ours have no prefix)
+            yield from route_paths(route.original_router.routes)
+
+
 def create_app(engine: Engine, model_id: str, context_length: int, plan_text: str = "",
                api_key: Optional[str] = None, control_token: Optional[str] = None,
                max_body_bytes: Optional[int] = None) -> FastAPI:
@@ -135,11 +146,14 @@ def create_app(engine: Engine, model_id: str, context_length: int, plan_text: st
 
     @app.middleware("http")
     async def _auth(request: Request, call_next):
-        open_paths = ("/health", "/internal/failure")
+        # "/" is the status page: static, it asks for the key itself.
+        open_paths = ("/", "/health", "/internal/failure")
         if api_key and request.url.path not in open_paths:
-            if request.headers.get("authorization", "") != f"Bearer {api_key}":
-                return JSONResponse(error_body("Missing or wrong API key (Authorization: Bearer ...).",
-                                               code="invalid_api_key"), status_code=401)
+            # OpenAI's clients send the key as a bearer token, Anthropic's as x-api-key.
+            if (request.headers.get("authorization", "") != f"Bearer {api_key}"
+                    and request.headers.get("x-api-key") != api_key):
+                return JSONResponse(error_body("Missing or wrong API key (Authorization: Bearer ... "
+                                               "or x-api-key: ...).", code="invalid_api_key"), status_code=401)
         return await call_next(request)
     metrics = Metrics(engine)
     app.add_middleware(CountRequests, metrics=metrics)  # outermost: counts 401 and 413 too
@@ -191,10 +205,23 @@ def create_app(engine: Engine, model_id: str, context_length: int, plan_text: st
     def prometheus_metrics():  # not async: rendering runs off the event loop
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_PLAIN_0_0_4)
 
+    # One entry in both clients' shapes: OpenAI's (object, created, owned_by)
+    # and Anthropic's (type, display_name, created_at; has_more, first_id, last_id).
+    model_entry = {"id": model_id, "object": "model", "created": created, "owned_by": "mlx-moe",
+                   "type": "model", "display_name": Path(model_id).name,
+                   "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(created))}
+
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [
-            {"id": model_id, "object": "model", "created": created, "owned_by": "mlx-moe"}]}
+        return {"object": "list", "data": [model_entry], "has_more": False,
+                "first_id": model_id, "last_id": model_id}
+
+    @app.get("/v1/models/{model:path}")
+    async def model(model: str):
+        if model not in names:
+            raise APIError(404, f"The model {model!r} does not exist; this server serves {model_id!r}.",
+                           param="model", code="model_not_found")
+        return model_entry
 
     @app.get("/v1/plan")
     async def plan():
@@ -214,7 +241,9 @@ def create_app(engine: Engine, model_id: str, context_length: int, plan_text: st
         max_tokens = req.max_completion_tokens or req.max_tokens or DEFAULT_MAX_TOKENS
         stop = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
         return Job(prompt=prompt, max_tokens=min(max_tokens, room), temperature=req.temperature,
-                   top_p=req.top_p, seed=req.seed, stop=stop, logit_bias=logit_bias(req.logit_bias))
+                   top_p=req.top_p, top_k=req.top_k, min_p=req.min_p, seed=req.seed, stop=stop,
+                   logit_bias=logit_bias(req.logit_bias), repetition_penalty=req.repetition_penalty,
+                   presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty)
 
     def logit_bias(bias: Optional[Dict[str, float]]) -> Dict[int, float]:
         """OpenAI's form (token id as a string -> bias in [-100, 100]) as ids."""
@@ -243,6 +272,17 @@ def create_app(engine: Engine, model_id: str, context_length: int, plan_text: st
                            headers={"Retry-After": str(RETRY_AFTER)})
         return _events(job, events)
 
+    def start_all(jobs: List[Job]):
+        streams = []
+        try:
+            for job in jobs:
+                streams.append(start(job))
+        except APIError:
+            for job in jobs[:len(streams)]:  # queued already: their streams never started
+                engine.cancel(job)
+            raise
+        return streams
+
     async def _events(job: Job, events: asyncio.Queue):
         ended = False
         engine.open_responses += 1
@@ -260,36 +300,70 @@ def create_app(engine: Engine, model_id: str, context_length: int, plan_text: st
                 engine.open_responses -= 1
                 engine.cancel(job)
 
+    async def merged(streams):
+        """(choice index, event) of several jobs' streams, as they come."""
+        if len(streams) == 1:
+            async for event in streams[0]:
+                yield 0, event
+            return
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i, stream):
+            async for event in stream:
+                queue.put_nowait((i, event))
+        tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+        try:
+            left = len(streams)
+            while left:
+                i, event = await queue.get()
+                left -= event[0] in ("done", "error")
+                yield i, event
+        finally:
+            for t in tasks:  # cancelling a pump cancels its job
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
     async def until_disconnected(request: Request):
         # The body is read: what comes next is the end of the connection.
         while (await request.receive())["type"] != "http.disconnect":
             pass
 
-    def respond(req: Sampling, job: Job, kind: str, request: Request):
+    def total_usage(usages):
+        keys = ("prompt_tokens", "completion_tokens", "total_tokens")
+        total = {k: sum(u.get(k, 0) for u in usages) for k in keys}
+        # Prompt tokens the prefix cache held, so only the rest was prefilled.
+        total["prompt_tokens_details"] = {"cached_tokens": sum(u.get("cached_tokens", 0) for u in usages)}
+        return total
+
+    def respond(req: Sampling, jobs: List[Job], kind: str, request: Request, outputs=None):
+        """The response of a chat (`outputs`: a ChatOutput per job) or a
+        completions request (a choice per job), whole or streamed."""
         rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
         obj = "chat.completion" if kind == "chat" else "text_completion"
         now = int(time.time())
-
-        def choice(text, finish, streaming):
-            if kind == "text":
-                return {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
-            key = "delta" if streaming else "message"
-            body = {"content": text} if streaming else {"role": "assistant", "content": text}
-            return {"index": 0, key: body, "finish_reason": finish}
-
-        events = start(job)
+        streams = merged(start_all(jobs))
         if not req.stream:
             async def collect():
-                text = []
-                async for event in events:
-                    if event[0] == "text":
-                        text.append(event[1])
-                    elif event[0] == "error":
-                        raise APIError(503 if engine.failure else 500, event[1], type="server_error")
-                    else:
-                        usage = {k: v for k, v in event[2].items() if k.endswith("tokens")}
-                        return {"id": rid, "object": obj, "created": now, "model": req.model,
-                                "choices": [choice("".join(text), event[1], False)], "usage": usage}
+                texts, choices, usages = [[] for _ in jobs], [None] * len(jobs), [{}] * len(jobs)
+                async with aclosing(streams):  # an error ends the other choices' jobs now
+                    async for i, event in streams:
+                        if event[0] == "text":
+                            if kind == "chat":
+                                outputs[i].feed(event[1])
+                            else:
+                                texts[i].append(event[1])
+                        elif event[0] == "error":
+                            raise APIError(503 if engine.failure else 500, event[1], type="server_error")
+                        else:
+                            usages[i] = event[2]
+                            if kind == "chat":
+                                _, finish = outputs[i].finish(event[1])
+                                choices[i] = {"index": i, "message": outputs[i].message(), "finish_reason": finish}
+                            else:
+                                choices[i] = {"index": i, "text": "".join(texts[i]), "finish_reason": event[1],
+                                              "logprobs": None}
+                return {"id": rid, "object": obj, "created": now, "model": req.model,
+                        "choices": choices, "usage": total_usage(usages)}
 
             async def whole():
                 # A client that leaves before the answer frees its place.
@@ -313,37 +387,88 @@ def create_app(engine: Engine, model_id: str, context_length: int, plan_text: st
                         "choices": choices, **extra}
                 return f"data: {json.dumps(data)}\n\n"
 
+            def chat_chunks(i, deltas, finish=None):
+                out = [chunk([{"index": i, "delta": d, "finish_reason": None}]) for d in deltas]
+                if finish:
+                    out.append(chunk([{"index": i, "delta": {}, "finish_reason": finish}]))
+                return out
+
             if kind == "chat":
                 yield chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
-            async for event in events:
-                if event[0] == "text":
-                    yield chunk([choice(event[1], None, True)])
-                elif event[0] == "error":
-                    yield f"data: {json.dumps(error_body(event[1], type='server_error'))}\n\n"
-                    break
+            usages = []
+            async with aclosing(streams):
+                async for i, event in streams:
+                    if event[0] == "error":
+                        yield f"data: {json.dumps(error_body(event[1], type='server_error'))}\n\n"
+                        break
+                    if kind == "chat":
+                        if event[0] == "text":
+                            pieces = chat_chunks(i, outputs[i].feed(event[1]))
+                        else:
+                            pieces = chat_chunks(i, *outputs[i].finish(event[1]))
+                    else:
+                        finish = None if event[0] == "text" else event[1]
+                        text = event[1] if event[0] == "text" else ""
+                        pieces = [chunk([{"index": i, "text": text, "finish_reason": finish, "logprobs": None}])]
+                    for piece in pieces:
+                        yield piece
+                    if event[0] == "done":
+                        usages.append(event[2])
                 else:
-                    empty = {"index": 0, "delta": {}, "finish_reason": event[1]} if kind == "chat" else \
-                        choice("", event[1], True)
-                    yield chunk([empty])
                     if include_usage:
-                        usage = {k: v for k, v in event[2].items() if k.endswith("tokens")}
-                        yield chunk([], usage=usage)
+                        yield chunk([], usage=total_usage(usages))
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(sse(), media_type="text/event-stream")
 
+    def chat_prompt(req: ChatRequest):
+        try:
+            return build_prompt(tokenizer, req, engine.grammars)
+        except RequestError as e:
+            raise APIError(400, str(e), param=e.param) from e
+
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest, request: Request):
-        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        ids = encode(tokenizer, prompt) if isinstance(prompt, str) else list(prompt)
-        out = respond(req, prepare(req, ids), "chat", request)
+        prompt = await run_in_threadpool(chat_prompt, req)  # templating, and compiling a grammar, take time
+        job = prepare(req, prompt.ids)
+        job.grammar = prompt.grammar
+        out = respond(req, [job], "chat", request, [ChatOutput(tokenizer, prompt.ids, prompt.tools)])
         return await out if not req.stream else out
+
+    def prompts(prompt) -> List[List[int]]:
+        if isinstance(prompt, str):
+            return [encode(tokenizer, prompt)]
+        if prompt and all(isinstance(p, int) for p in prompt):
+            ids = [prompt]
+        else:
+            ids = [encode(tokenizer, p) if isinstance(p, str) else p for p in prompt]
+        if not ids:
+            raise APIError(400, "The prompt list is empty.", param="prompt", code="empty_prompt")
+        for i, p in enumerate(ids):
+            if any(not 0 <= t < vocab_size for t in p):
+                raise APIError(400, f"prompt {i} has a token id outside the vocabulary (0 to {vocab_size - 1}).",
+                               param="prompt")
+        return ids
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
-        out = respond(req, prepare(req, encode(tokenizer, req.prompt)), "text", request)
+        jobs = [prepare(req, ids) for ids in prompts(req.prompt)]
+        out = respond(req, jobs, "text", request)
         return await out if not req.stream else out
 
-    metrics.paths = {route.path for route in app.routes}
+    async def run_generation(gen: Generation):
+        """anthropic_router's runner: the same checks and engine as the OpenAI endpoints."""
+        req = Sampling(model=gen.model, max_tokens=gen.max_tokens, temperature=gen.temperature,
+                       top_p=gen.top_p, top_k=gen.top_k or 0, stop=gen.stop)
+        job = prepare(req, gen.prompt)
+        job.grammar = gen.grammar
+        stream = start(job)
+        async with aclosing(stream):
+            async for event in stream:
+                yield event
+
+    app.include_router(anthropic_router(tokenizer, run_generation, engine.grammars))
+    app.include_router(status_router(engine, model_id))  # after Metrics: it chains engine.on_step
+
+    metrics.paths = set(route_paths(app.routes))
     return app

@@ -31,7 +31,9 @@ from .. import comm
 from ..expert import expert_loads
 from ..failures import lost_peer, rank_failed
 from ..loader import log
+from .prefix_cache import PrefixCache
 from .scheduler import Scheduler, exchange, request_sampler
+from .structured import Grammars
 
 
 @dataclass(eq=False)
@@ -43,6 +45,13 @@ class Job:
     seed: Optional[int] = None
     stop: List[str] = field(default_factory=list)
     logit_bias: Dict[int, float] = field(default_factory=dict)
+    top_k: int = 0  # 0: every token
+    min_p: float = 0.0
+    # mlx-lm's penalties, over the last PENALTY_CONTEXT tokens (None / 0: off).
+    repetition_penalty: Optional[float] = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    grammar: Optional[str] = None  # Lark text the answer must follow (structured.Grammars)
     # Called on rank 0 from the engine thread: ("text", str) per piece, then
     # ("done", finish_reason, usage) or ("error", message).
     emit: Callable = print
@@ -52,7 +61,11 @@ class Job:
         """What every rank needs to run it (stop strings stay on rank 0)."""
         seed = self.seed % 2**64 if self.seed is not None else random.randrange(2**31)
         return dict(prompt=self.prompt, max_tokens=self.max_tokens, temperature=self.temperature,
-                    top_p=self.top_p, seed=seed, logit_bias=[[k, v] for k, v in self.logit_bias.items()])
+                    top_p=self.top_p, top_k=self.top_k, min_p=self.min_p, seed=seed,
+                    repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
+                    frequency_penalty=self.frequency_penalty,
+                    logit_bias=[[k, v] for k, v in self.logit_bias.items()],
+                    grammar=self.grammar)
 
 
 class StopMatcher:
@@ -87,6 +100,7 @@ class StopMatcher:
 
 
 NOTICE_WAIT = 3.0
+PENALTY_CONTEXT = 20  # tokens the penalties look back over (mlx-lm's default)
 LOAD_REFRESH = 1.0  # seconds between expert-load snapshots while others run
 PREFILL_BATCH = 8  # prompts read together, in one padded chunk (mlx-lm's default)
 
@@ -112,11 +126,14 @@ class Engine:
     waiting on it (a stalled or lost rank), instead of spinning forever."""
 
     def __init__(self, model, tokenizer, group, heartbeat: float = 5.0, watchdog: float = 60.0,
-                 max_concurrency: int = 16, max_queue: int = 64, prefill_step_size: int = 512):
+                 max_concurrency: int = 16, max_queue: int = 64, prefill_step_size: int = 512,
+                 prompt_cache_bytes: int = 0):
         self.model, self.tokenizer, self.group = model, tokenizer, group
         self.rank = group.rank()
         self.max_concurrency, self.prefill_step_size = max_concurrency, prefill_step_size
         self.scheduler = Scheduler(tokenizer, StopMatcher, max_concurrency, max_queue)
+        self.prefix = PrefixCache(prompt_cache_bytes)
+        self.grammars = Grammars(tokenizer)
         self.ready = threading.Event()
         self.heartbeat, self.watchdog = heartbeat, watchdog
         self.open_responses = 0  # HTTP responses still being written (rank 0)
@@ -233,24 +250,41 @@ class Engine:
         if plan["op"] == "step":
             # Removals first, then inserts, in the plan's order: the
             # generator numbers new sequences alike on every rank.
-            generator.remove(plan["remove"])
+            removed = generator.remove(plan["remove"], return_prompt_caches=self.prefix.lru is not None)
+            for uid in sorted(removed):  # in one order everywhere: the LRUs stay alike
+                self.prefix.keep(removed[uid][1], removed[uid][0])
             live.difference_update(plan["remove"])
             if plan["add"]:
                 add = plan["add"]
+                reused = [self.prefix.take(r["prompt"]) for r in add]
                 uids = generator.insert(
-                    [r["prompt"] for r in add], max_tokens=[r["max_tokens"] for r in add],
-                    samplers=[request_sampler(r["temperature"], r["top_p"], r["seed"]) for r in add],
-                    logits_processors=[make_logits_processors(logit_bias=dict(r["logit_bias"])) for r in add])
+                    [rest for _, rest, _ in reused], max_tokens=[r["max_tokens"] for r in add],
+                    caches=[cache for cache, _, _ in reused],
+                    all_tokens=[r["prompt"][:cached] for r, (_, _, cached) in zip(add, reused)],
+                    samplers=[request_sampler(r) for r in add],
+                    logits_processors=[self.processors(r) for r in add])
                 live.update(uids)
                 if self.rank == 0:
-                    self.scheduler.joined(uids)
+                    self.scheduler.joined(uids, [cached for _, _, cached in reused])
         responses = generator.next()[1] if live else []
         self._tick()
-        live.difference_update(r.uid for r in responses if r.finish_reason)
+        for r in responses:
+            if r.finish_reason:
+                live.discard(r.uid)
+                self.prefix.keep(r.all_tokens, r.prompt_cache)
         if self.rank == 0:
             self.scheduler.deliver(responses, self._snapshot_load)
             self.on_step(*self.scheduler.counts(), len(responses), generator.prompt_cache_nbytes)
         return True
+
+    def processors(self, spec: dict) -> list:
+        """One request's logits processors (mlx-lm's, and its grammar's), from its Job.spec."""
+        return make_logits_processors(
+            logit_bias=dict(spec["logit_bias"]), repetition_penalty=spec["repetition_penalty"],
+            repetition_context_size=PENALTY_CONTEXT, presence_penalty=spec["presence_penalty"] or None,
+            presence_context_size=PENALTY_CONTEXT, frequency_penalty=spec["frequency_penalty"] or None,
+            frequency_context_size=PENALTY_CONTEXT,
+        ) + ([self.grammars.processor(spec["grammar"])] if spec.get("grammar") else [])
 
     def _snapshot_load(self) -> None:
         # On the engine thread, because counting evaluates MLX arrays; before

@@ -35,6 +35,9 @@ class Metrics:
                               buckets=TTFT_BUCKETS, registry=r)
         self.prompt_tokens = Counter("mlx_moe_prompt_tokens", "Prompt tokens of finished generations",
                                      registry=r)
+        self.cached_tokens = Counter("mlx_moe_prompt_cached_tokens", "Prompt tokens of finished generations "
+                                     "read from the prefix cache (usage.prompt_tokens_details.cached_tokens)",
+                                     registry=r)
         self.generated_tokens = Counter("mlx_moe_generated_tokens", "Tokens generated (usage.completion_tokens)",
                                         registry=r)
         self.tokens_per_second = Gauge("mlx_moe_generation_tokens_per_second",
@@ -96,6 +99,7 @@ class Tracked:
             if kind == "done":
                 usage = event[2]
                 m.prompt_tokens.inc(usage["prompt_tokens"])
+                m.cached_tokens.inc(usage.get("cached_tokens", 0))
                 m.generated_tokens.inc(usage["completion_tokens"])
                 # One token gives no rate: mlx-lm times from the first token.
                 if usage["completion_tokens"] > 1:

@@ -15,10 +15,12 @@ import time
 import mlx.core as mx
 
 from ..failures import exit_failed
-from ..loader import load_sharded, log
+from ..consistency import exchange
+from ..loader import available_bytes, load_sharded, log
 from ..placement import resolve
 from .engine import Engine
 
+DEFAULT_PROMPT_CACHE_BYTES = 2 * 2**30  # where the free memory is not known
 FLUSH_WAIT = 5.0  # seconds it gives open responses to deliver their error
 
 
@@ -45,6 +47,16 @@ def main(argv=None):
         exit_failed(e)
 
 
+def prompt_cache_bytes(asked, group) -> int:
+    """The prefix cache's bound: asked, else a quarter of the memory left on
+    the host with the least (every rank must use the same bound, or their
+    caches would evict differently and reuse different prefixes)."""
+    if asked is not None:
+        return asked
+    free = available_bytes()
+    return min(exchange(free // 4 if free else DEFAULT_PROMPT_CACHE_BYTES, group))
+
+
 def serve(argv=None):
     p = argparse.ArgumentParser(prog="python -m mlx_moe.serve.rank")
     p.add_argument("--model", required=True)
@@ -61,6 +73,7 @@ def serve(argv=None):
     p.add_argument("--max-concurrency", type=int, default=16)
     p.add_argument("--max-queue", type=int, default=64)
     p.add_argument("--prefill-step-size", type=int, default=512)
+    p.add_argument("--prompt-cache-bytes", type=int, default=None)
     args = p.parse_args(argv)
 
     group = mx.distributed.init()
@@ -69,7 +82,8 @@ def serve(argv=None):
                                     max_collective_bytes=args.max_collective_bytes)
     engine = Engine(model, tokenizer, group, heartbeat=args.heartbeat, watchdog=args.watchdog_timeout,
                     max_concurrency=args.max_concurrency, max_queue=args.max_queue,
-                    prefill_step_size=args.prefill_step_size)
+                    prefill_step_size=args.prefill_step_size,
+                    prompt_cache_bytes=prompt_cache_bytes(args.prompt_cache_bytes, group))
     if group.rank() == 0:
         import uvicorn
 

@@ -19,7 +19,7 @@ from typing import Callable, Dict, List, Optional
 
 import mlx.core as mx
 import numpy as np
-from mlx_lm.sample_utils import apply_top_p
+from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
 
 from .. import comm
 
@@ -49,20 +49,26 @@ def exchange(plan: Optional[dict], group) -> dict:
     return json.loads(got)
 
 
-def request_sampler(temperature: float, top_p: float, seed: int):
-    """A sampler for one request that does not touch the global random
-    state: its own key, split at every token, so a seeded request draws the
-    same tokens alone or in any batch, on every rank. None (the generator's
-    batched argmax) for temperature 0."""
+def request_sampler(spec: dict):
+    """A sampler for one request (Job.spec) that does not touch the global
+    random state: its own key, split at every token, so a seeded request
+    draws the same tokens alone or in any batch, on every rank. None (the
+    generator's batched argmax) for temperature 0."""
+    temperature, top_p, top_k, min_p = (spec[k] for k in ("temperature", "top_p", "top_k", "min_p"))
     if temperature == 0:
         return None
-    key = mx.random.key(seed)
+    key = mx.random.key(spec["seed"])
 
     def sample(logprobs: mx.array) -> mx.array:
         nonlocal key
         key, sub = mx.random.split(key)
+        # mlx-lm's make_sampler order: top_p, min_p, then top_k.
         if top_p < 1:
             logprobs = apply_top_p(logprobs, top_p)
+        if min_p > 0:
+            logprobs = apply_min_p(logprobs, min_p)
+        if top_k > 0:
+            logprobs = apply_top_k(logprobs, top_k)
         return mx.random.categorical(logprobs * (1 / temperature), key=sub)
 
     return sample
@@ -80,6 +86,7 @@ class Active:
     stops: object
     tokens: int = 0
     first: float = 0.0  # when its first token came
+    cached: int = 0  # prompt tokens the prefix cache held
 
 
 class Scheduler:
@@ -137,10 +144,11 @@ class Scheduler:
             return {"op": "ping"}
         return {"op": "step", "add": [job.spec() for job in self.joining], "remove": leaving}
 
-    def joined(self, uids: List[int]) -> None:
-        """The generator's ids for the jobs of the last plan."""
-        for uid, job in zip(uids, self.joining):
-            self.running[uid] = Active(job, self.tokenizer.detokenizer, self.make_stops(job.stop))
+    def joined(self, uids: List[int], cached: List[int]) -> None:
+        """The generator's ids for the jobs of the last plan, and how many
+        prompt tokens of each the prefix cache held."""
+        for uid, job, n in zip(uids, self.joining, cached):
+            self.running[uid] = Active(job, self.tokenizer.detokenizer, self.make_stops(job.stop), cached=n)
         self.joining = []
 
     def _leave(self, uid: int) -> None:
@@ -183,7 +191,7 @@ class Scheduler:
             elapsed = time.perf_counter() - active.first
             active.job.emit(("done", finish, {
                 "prompt_tokens": len(job.prompt), "completion_tokens": n,
-                "total_tokens": len(job.prompt) + n,
+                "total_tokens": len(job.prompt) + n, "cached_tokens": active.cached,
                 # mlx-lm's rate: from the first token on.
                 "generation_tps": n / elapsed if elapsed > 0 else 0.0,
             }))
