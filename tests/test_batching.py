@@ -4,7 +4,6 @@ depend on the batch; clients that go away free their place; a full queue
 answers 429; a lost rank ends every stream of the batch with its name; a
 batched step costs one plan exchange and one combine per MoE layer."""
 
-import contextlib
 import functools
 import http.client
 import json
@@ -23,10 +22,11 @@ from mlx_lm.utils import load_tokenizer
 
 import oracle
 from conftest import launch
-from mlx_moe.launch import free_port, stop_group, wait_ready
+from mlx_moe.launch import stop_group, wait_ready
 from test_metrics import samples, value
 from test_reliability import _finish, _finished, _rank_pid, _serve, _streaming
-from test_serve import _chat, _start
+import test_serve
+from test_serve import _chat
 
 CONTEXT = 100000  # long streams cannot end before a test closes them
 THREE_RANKS = "127.0.0.1,127.0.0.1,127.0.0.1"
@@ -41,16 +41,8 @@ def model_path(checkpoint):
     return checkpoint("qwen3_moe")  # float32: batched and single-process logits agree closely
 
 
-@contextlib.contextmanager
 def serving(model_path, *extra):
-    port = free_port()
-    proc = _start(model_path, port, "--max-context", str(CONTEXT), *extra)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(url, proc)
-        yield url
-    finally:
-        stop_group(proc)
+    return test_serve.serving(model_path, "--max-context", str(CONTEXT), *extra)
 
 
 @pytest.fixture(scope="module")

@@ -16,9 +16,8 @@ import openai
 import pytest
 from mlx_lm.utils import load_tokenizer
 
-from mlx_moe.launch import free_port, stop_group, wait_ready
 from mlx_moe.synthetic_chat import synthesize_chat
-from test_serve import _start
+from test_serve import serving
 from test_status import chromium
 
 KEY = "test-key"
@@ -41,14 +40,8 @@ def tokenizer(model_path):
 
 @pytest.fixture(scope="module")
 def server(model_path):
-    port = free_port()
-    proc = _start(model_path, port, "--max-context", "1024", "--api-key", KEY)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(url, proc)
+    with serving(model_path, "--max-context", "1024", "--api-key", KEY) as url:
         yield url
-    finally:
-        stop_group(proc)
 
 
 @pytest.fixture

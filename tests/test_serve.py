@@ -2,6 +2,7 @@
 client: greedy answers equal single-process mlx-lm, concurrency, bad input,
 the demo, and a clean SIGTERM."""
 
+import contextlib
 import json
 import os
 import signal
@@ -47,16 +48,24 @@ def model_path(checkpoint):
     return checkpoint("qwen3_moe", quantize=4)
 
 
-@pytest.fixture(scope="module")
-def server(model_path):
+@contextlib.contextmanager
+def serving(model_path, *extra):
+    """`mlx-moe serve` on two local ranks (unless `extra` says otherwise) on
+    a fresh port, until the block ends: its URL."""
     port = free_port()
-    proc = _start(model_path, port, "--max-context", str(CONTEXT))
+    proc = _start(model_path, port, *extra)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(url, proc)
         yield url
     finally:
         stop_group(proc)
+
+
+@pytest.fixture(scope="module")
+def server(model_path):
+    with serving(model_path, "--max-context", str(CONTEXT)) as url:
+        yield url
 
 
 @pytest.fixture
