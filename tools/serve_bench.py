@@ -26,6 +26,8 @@ from mlx_moe.bench import MODEL
 from mlx_moe.launch import free_port, launch_command, stop_group, wait_ready
 from mlx_moe.synthetic import synthesize
 
+from load_test import percentile  # tools/ is on the path when run as a script
+
 WORDS = ("river stone light market garden letter winter station music paper engine forest "
          "harbor window village summer mountain doctor kitchen bridge").split()
 
@@ -65,11 +67,6 @@ def stream_chat(client, model, messages, max_tokens):
         return tokens or 0, time.perf_counter() - t0, [], text
     gaps = [b - a for a, b in zip(stamps, stamps[1:])]
     return tokens if tokens is not None else len(stamps), stamps[0] - t0, gaps, text
-
-
-def percentile(values, q):
-    values = sorted(values)
-    return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))] if values else float("nan")
 
 
 def load(url, model, clients, requests, max_tokens, words):
