@@ -242,3 +242,36 @@ def test_follow_up_turn_reads_its_prefix_from_the_cache(server, model_path):
     assert r2.choices[0].message.content == oracle.greedy_text(
         model_path, _messages_prompt(model_path, follow), 12)
     assert value(_scrape(server), "mlx_moe_prompt_cached_tokens_total") >= len(prompt1)
+
+
+def test_a_step_reads_at_most_the_prefill_budget_and_answers_do_not_change(checkpoint):
+    """mlx-lm reads prefill_step_size tokens of every prompt of its prompt
+    batch per step; bound_prefill keeps the step's total within the budget
+    (the running streams wait for all of it), and the answers stay the same."""
+    from mlx_lm import load
+    from mlx_lm.generate import BatchGenerator
+
+    from mlx_moe.serve.engine import bound_prefill
+
+    model, tokenizer = load(str(checkpoint("qwen3_moe")))
+    prompts = [tokenizer.encode("the river and the mill " * (8 + i)) for i in range(8)]
+
+    def run(budget):
+        g = BatchGenerator(model, stop_tokens=[], completion_batch_size=16, prefill_batch_size=8,
+                           prefill_step_size=64)
+        uids = g.insert(prompts, max_tokens=[6] * len(prompts))
+        out, most = {u: [] for u in uids}, 0
+        while any(len(t) < 6 for t in out.values()):
+            if budget:
+                bound_prefill(g, budget)
+            before = g._counters.prompt_tokens
+            for r in g.next()[1]:
+                out[r.uid].append(r.token)
+            most = max(most, g._counters.prompt_tokens - before)
+        return [out[u] for u in uids], most
+
+    unbounded, most_unbounded = run(None)
+    bounded, most_bounded = run(64)
+    assert most_unbounded > 64 * 4  # mlx-lm alone: 64 tokens of each of the 8 prompts
+    assert 0 < most_bounded <= 64
+    assert bounded == unbounded

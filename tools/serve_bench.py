@@ -126,7 +126,10 @@ def run_server(name, cmd, port, path, args):
         tail = b"".join(log[-20:]).decode(errors="replace")
         return {"server": name, "error": f"{e}: {tail[-1500:]}"}
     try:
-        load(url, str(path), 1, 1, 4, args.words)  # warm-up
+        # Warm-up with a prompt no measured request starts with: the prefix
+        # cache must not serve the single-stream level a prompt it already read.
+        warm = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=900)
+        stream_chat(warm, str(path), [{"role": "user", "content": "Warm up."}], 4)
         out = {"server": name, "levels": []}
         for clients in args.clients:
             print(f"  {name}: {clients} client(s) ...", file=sys.stderr, flush=True)

@@ -117,6 +117,19 @@ def clear_cache_without_gil(clear_cache=mx.clear_cache):
     return clear
 
 
+def bound_prefill(generator: BatchGenerator, budget: int) -> None:
+    """Keep a step's prompt tokens within `budget`, shared by the prompts
+    being read. mlx-lm reads up to prefill_step_size tokens of EVERY prompt
+    in its prompt batch (8) per step: up to 8x the budget, and the running
+    streams wait for all of it (measured: an 11 s stall for 8 short prompts
+    here, tools/step_profile.py). Reads the generator's private counts
+    (mlx-lm is pinned below 0.33); every rank computes the same."""
+    g = generator
+    joining = min(g.prefill_batch_size - len(g._prompt_batch),
+                  g.completion_batch_size - len(g._generation_batch), len(g._unprocessed_sequences))
+    g.prefill_step_size = max(1, budget // max(1, len(g._prompt_batch) + max(0, joining)))
+
+
 class Engine:
     """Runs on every rank. Rank 0 takes jobs from `submit` (at most
     `max_queue` waiting, else QueueFull) and runs up to `max_concurrency` at
@@ -266,6 +279,8 @@ class Engine:
                 live.update(uids)
                 if self.rank == 0:
                     self.scheduler.joined(uids, [cached for _, _, cached in reused])
+        if live:
+            bound_prefill(generator, self.prefill_step_size)
         responses = generator.next()[1] if live else []
         self._tick()
         for r in responses:
