@@ -27,7 +27,7 @@ class ClusterMismatch(ValueError):
     """Ranks that must agree do not (different files, settings or versions)."""
 
 
-def _digest(obj) -> str:
+def digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -36,13 +36,13 @@ def checkpoint_files(path: Path) -> Dict[str, str]:
     index, and the header (every tensor's name, dtype, shape and offsets) of
     each weight file this rank has. A rank may have only some weight files
     (a pipeline stage's download); files both ranks have are compared."""
-    out = {"config.json": _digest(json.loads((path / "config.json").read_text()))}
+    out = {"config.json": digest(json.loads((path / "config.json").read_text()))}
     index = path / "model.safetensors.index.json"
     if index.exists():
-        out[index.name] = _digest(json.loads(index.read_text())["weight_map"])
+        out[index.name] = digest(json.loads(index.read_text())["weight_map"])
     for name in weight_files(path):
         if (path / name).exists():
-            out[name] = _digest(read_header(path / name)[1])
+            out[name] = digest(read_header(path / name)[1])
     return out
 
 
@@ -51,15 +51,15 @@ def plan_facts(plan: ShardingPlan) -> Dict[str, str]:
     layers = [(l.path, l.kind, l.holder, l.num_experts, l.ranges, l.shared_rank) for l in plan.layers]
     placed = {l.path: l.order for l in plan.moe_layers if l.order}
     return {
-        "plan": f"{plan.strategy} on {plan.size} ranks, {len(plan.layers)} blocks (digest {_digest(layers)})",
-        "placement": f"{len(placed)} blocks placed by a file (digest {_digest(placed)})" if placed
+        "plan": f"{plan.strategy} on {plan.size} ranks, {len(plan.layers)} blocks (digest {digest(layers)})",
+        "placement": f"{len(placed)} blocks placed by a file (digest {digest(placed)})" if placed
         else "contiguous ranges",
     }
 
 
 def tokenizer_digest(tokenizer) -> str:
     vocab = sorted(tokenizer.get_vocab().items())
-    return _digest([vocab, getattr(tokenizer, "chat_template", None)])
+    return digest([vocab, getattr(tokenizer, "chat_template", None)])
 
 
 def statement(path: Path, plan: ShardingPlan, tokenizer) -> dict:
