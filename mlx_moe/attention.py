@@ -24,7 +24,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models import base
 
-from . import comm
+from . import comm, data_parallel
 
 # Queries per call from which the core is split: decode steps (one token)
 # stay replicated, so decode keeps one collective per MoE layer.
@@ -127,7 +127,8 @@ def _with_call(cls, call):
 
 
 def _call_splitting(self, *args, **kwargs):
-    token = _GROUP.set(self._split_group)
+    # Data-parallel forwards keep attention whole: the ranks' inputs differ.
+    token = _GROUP.set(None if data_parallel.current() else self._split_group)
     try:
         return super(type(self), self).__call__(*args, **kwargs)
     finally:

@@ -59,11 +59,14 @@ def _pieces(x: mx.array):
     flat = x.reshape(-1)
     per_piece = max(1, _max_bytes // x.itemsize)
     n = math.ceil(flat.size / per_piece) if flat.size else 1
-    _stats["collectives"] += 1
     if n == 1:
-        pieces = [flat]
-    else:
-        pieces = [flat[i * per_piece : (i + 1) * per_piece] for i in range(n)]
+        return _counted([flat])
+    return _counted([flat[i * per_piece : (i + 1) * per_piece] for i in range(n)])
+
+
+def _counted(pieces):
+    """The messages of one collective, counted."""
+    _stats["collectives"] += 1
     for p in pieces:
         _stats["messages"] += 1
         _stats["total_bytes"] += p.nbytes
@@ -98,6 +101,37 @@ def all_gather(x: mx.array, group: mx.distributed.Group) -> mx.array:
     parts = [mx.distributed.all_gather(p, group=group).reshape(n, -1) for p in _pieces(x)]
     out = parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=1)
     return _evaluated_if_large(out.reshape(n * x.shape[0], *x.shape[1:]))
+
+
+def sum_scatter(x: mx.array, group: mx.distributed.Group) -> mx.array:
+    """Sum `x` over the group and keep this rank's block of it: x's rows are
+    N equal blocks in rank order, and rank r gets the sum of block r (a
+    reduce-scatter: each rank receives 1/N of what all_sum would give it).
+    Only where `has_sum_scatter` says the backend has it (JACCL, NCCL; not
+    ring). Each message holds at most the bound: every rank's block is cut
+    into the same columns, and a message carries one column of all N."""
+    n = group.size()
+    blocks = x.reshape(n, -1)  # [N, elements per rank]
+    per_piece = max(1, _max_bytes // (n * x.itemsize))
+    cols = [(i, min(i + per_piece, blocks.shape[1])) for i in range(0, blocks.shape[1], per_piece)]
+    pieces = _counted([blocks[:, a:b].reshape(-1) for a, b in cols] if len(cols) > 1 else [blocks.reshape(-1)])
+    out = [mx.distributed.sum_scatter(p, group=group) for p in pieces]
+    out = out[0] if len(out) == 1 else mx.concatenate(out)
+    return _evaluated_if_large(out.reshape(x.shape[0] // n, *x.shape[1:]))
+
+
+def has_sum_scatter(group: mx.distributed.Group) -> bool:
+    """Whether the group's backend sums and scatters in one collective: one
+    small sum_scatter is tried (and checked). Every rank must call it at
+    the same point, since on a backend that has it, it is a collective.
+    Measured with mlx 0.32: ring raises "[ring] sum_scatter not supported"
+    (locally, without sending, so every rank sees it at once)."""
+    n = group.size()
+    try:
+        got = mx.distributed.sum_scatter(mx.arange(2 * n, dtype=mx.float32), group=group)
+        return got.tolist() == [float(n * (2 * group.rank() + i)) for i in range(2)]
+    except RuntimeError:
+        return False
 
 
 def send(x: mx.array, dst: int, group: mx.distributed.Group) -> mx.array:

@@ -14,7 +14,9 @@ A token's trip through one expert-parallel layer, top to bottom:
    rank only, so they join the same single combine without being counted N
    times. Attention stays replicated: one collective per decoder layer in
    decode. For a long input each rank computes its share of the attention
-   and gathers the rest (attention.py).
+   and gathers the rest (attention.py). In a data-parallel forward, where
+   each rank brings its own tokens (data_parallel.py), the block first
+   gathers every rank's tokens and the combine gives each rank its rows.
 """
 
 from dataclasses import dataclass
@@ -31,7 +33,7 @@ from mlx_lm.models.switch_layers import (
     SwitchMLP,
 )
 
-from . import comm
+from . import comm, data_parallel
 from .attention import split_long_attention
 from .placement import validate
 from .plan import (
@@ -285,8 +287,16 @@ class ExpertParallelBlock(nn.Module):
         self.block = block
         self.group = group
 
-    def __call__(self, *args, **kwargs):
-        return comm.all_sum(self.block(*args, **kwargs), self.group)
+    def __call__(self, x, *args, **kwargs):
+        home = data_parallel.current()
+        if home is None:  # replicated: every rank has the same tokens
+            return comm.all_sum(self.block(x, *args, **kwargs), self.group)
+        # Data-parallel attention (data_parallel.py): every rank's tokens in
+        # (with any per-token argument, such as a router's indices), this
+        # rank's own rows of the sum out.
+        args = [home.dispatch(a) if isinstance(a, mx.array) and a.shape[:-1] == x.shape[:-1] else a
+                for a in args]
+        return home.combine(self.block(home.dispatch(x), *args, **kwargs), x)
 
 
 def copy_rows(name: str, array: mx.array, rows: List[int]) -> mx.array:
