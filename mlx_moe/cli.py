@@ -15,6 +15,8 @@ from pathlib import Path
 from .failures import FirstFailure
 from .hosts import HERE, HostError, resolve
 from .launch import free_port, launch_command, start, stop_group, wait_ready
+from .progress import ENV as PROGRESS_ENV, Board
+from .serve.homes import ATTENTION
 
 DEMO_DIR = Path(os.environ.get("MLX_MOE_HOME", Path.home() / ".cache" / "mlx-moe")) / "demo-qwen3-moe-4bit"
 
@@ -72,17 +74,21 @@ def _cluster(args):
     return args.cluster
 
 
-def _launch(args, argv, notify=None):
+def _launch(args, argv, notify=None, on_progress=None):
     """Run the ranks until they finish; Ctrl-C or SIGTERM stops every rank.
 
     mlx.launch stops the other ranks when one exits but itself exits 0, so
     its log is read here to tell a failed rank from a clean stop, and
-    `notify(reason)` passes the reason on (to rank 0, for its clients)."""
+    `notify(reason)` passes the reason on (to rank 0, for its clients).
+    The ranks' loading progress lines are taken out of their output and
+    shown as one line per rank (progress.Board); `on_progress(entries)`
+    gets each change."""
     cluster = _cluster(args)
     if cluster.path:
         print(f"mlx-moe: {cluster.describe()}", file=sys.stderr)
+    env = [*getattr(args, "rank_env", ()), f"{PROGRESS_ENV}=1", "HF_HUB_DISABLE_PROGRESS_BARS=1"]
     cmd = launch_command(argv, hosts=args.hosts.split(","), backend=cluster.backend, hostfile=cluster.path,
-                         python=args.python, env=getattr(args, "rank_env", ()))
+                         python=args.python, env=env)
     proc = start(cmd, remote=cluster.remote, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     stopping = []
 
@@ -98,15 +104,15 @@ def _launch(args, argv, notify=None):
         kill_later(20)
 
     watch = FirstFailure(on_failure, hosts=cluster.names)
+    board = Board(cluster.names, sys.stderr, on_progress)
 
     def relay(source, sink):
         # Chunks, not lines: generate streams tokens without newlines. Remote
         # ranks' output (stderr too) arrives on stdout, as mlx.launch runs
         # them under `ssh -tt`, with "\r\n" line ends.
-        pending = b""
+        pending, held = b"", b""
         while chunk := os.read(source.fileno(), 65536):
-            sink.buffer.write(chunk)
-            sink.flush()
+            chunk, held = board.relay(sink, held + chunk)
             *lines, pending = (pending + chunk).split(b"\n")
             for line in lines:
                 if not stopping:
@@ -150,8 +156,8 @@ def _serve_argv(args):
     if args.max_collective_bytes:
         argv += ["--max-collective-bytes", str(args.max_collective_bytes)]
     for flag in ("max_context", "watchdog_timeout", "max_body_bytes", "max_concurrency", "max_queue",
-                 "prefill_step_size", "prompt_cache_bytes"):
-        if getattr(args, flag, None):
+                 "prefill_step_size", "prompt_cache_bytes", "attention"):
+        if getattr(args, flag, None) is not None:
             argv += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
     return argv
 
@@ -172,18 +178,49 @@ def cmd_serve(args):
             print(f"mlx-moe: rank 0 runs on {_cluster(args).names[0]} and serves on {args.host}:{args.port} "
                   "there only; to reach it from other machines pass --host 0.0.0.0 (with --api-key)",
                   file=sys.stderr)
-    url = f"http://{target}:{args.port}/internal/failure"
+    url = f"http://{target}:{args.port}/internal/"
 
-    def notify(reason):
-        # Best effort: rank 0 names the failed rank in its errors if this arrives.
+    def control(path, body) -> bool:
+        # Best effort: whether rank 0 took it.
         try:
-            req = urllib.request.Request(url, json.dumps({"reason": reason}).encode(),
+            req = urllib.request.Request(url + path, json.dumps(body).encode(),
                                          {"Content-Type": "application/json", "X-MLX-MOE-Control": token})
             urllib.request.urlopen(req, timeout=2).close()
+            return True
         except OSError:
-            pass
+            return False
 
-    return _launch(args, _serve_argv(args), notify)
+    def notify(reason):
+        control("failure", {"reason": reason})  # rank 0 names the failed rank in its errors
+
+    on_progress = _relay_progress(lambda ranks: control("progress", {"ranks": ranks}))  # for /health and the page
+    return _launch(args, _serve_argv(args), notify, on_progress)
+
+
+def _relay_progress(post):
+    """`on_progress` for _launch: passes the ranks' latest progress to
+    `post(entries)` from a thread of its own (a relay never waits on HTTP),
+    again a second later if it was not taken (rank 0 not listening yet),
+    until every rank has loaded."""
+    latest, changed = [None], threading.Event()
+
+    def run():
+        sent = None
+        while True:
+            changed.wait(1.0)
+            changed.clear()
+            entries = latest[0]
+            if entries is not sent and post(entries):
+                sent = entries
+                if all(e["stage"] == "loaded" for e in entries):
+                    return
+
+    def on_progress(entries):
+        latest[0] = entries
+        changed.set()
+
+    threading.Thread(target=run, daemon=True, name="progress").start()
+    return on_progress
 
 
 def cmd_generate(args):
@@ -244,6 +281,7 @@ def cmd_placement(args):
 
 
 def cmd_plan(args):
+    from .batchmodel import batch_estimates, format_batch, parse_concurrency
     from .costmodel import Model, format_report, load_profiles, make_hosts, make_report
     from .headers import read_checkpoint
     from .plan import PlanError
@@ -252,13 +290,21 @@ def cmd_plan(args):
     try:
         if args.link not in links:
             raise ValueError(f"unknown link {args.link!r}; known links: {', '.join(links)}")
+        concurrency = parse_concurrency(args.concurrency) if args.concurrency is not None else None
         hosts = make_hosts(args.hosts, args.chip, args.memory, args.usable, chips)
         report = make_report(Model.read(read_checkpoint(args.model, args.revision)), hosts, links[args.link],
                              args.context, args.decode_at)
+        batch = batch_estimates(report, concurrency) if concurrency else None
     except (ValueError, FileNotFoundError, PlanError) as e:
         print(f"mlx-moe plan: {e}", file=sys.stderr)
         return 2
-    print(json.dumps(report.to_json(), indent=1) if args.json else format_report(report))
+    if args.json:
+        data = report.to_json()
+        if batch is not None:
+            data["batch"] = [b.to_json() for b in batch]
+        print(json.dumps(data, indent=1))
+    else:
+        print(format_report(report) + (f"\n\n{format_batch(report, batch)}" if batch is not None else ""))
     return 0
 
 
@@ -302,6 +348,14 @@ def main(argv=None):
                    help="bound of the prefix cache, the KV caches of finished requests kept so a prompt "
                         "that starts the same (a chat's next turn) prefills only its new tokens; 0 turns "
                         "it off (default: a quarter of the free memory of the host with the least)")
+    s.add_argument("--attention", choices=ATTENTION, default=None,
+                   help="where a batch's attention runs: 'replicated', every rank computes every "
+                        "request's attention and holds its KV cache; 'data-parallel', each request "
+                        "lives on one home rank, which alone holds its KV cache (about 1/N of the memory) "
+                        "and computes its attention, while the MoE layers see every rank's tokens; 'auto', "
+                        "replicated for a request alone, data-parallel once two share the batch "
+                        "(default: replicated; data-parallel's failure handling under load is still being "
+                        "tested)")
     _add_cluster_args(s)
     s.set_defaults(func=cmd_serve)
 
@@ -329,11 +383,14 @@ def main(argv=None):
                     "(from the hub only those files), pick the strategy load_sharded would pick, show what "
                     "each host holds, the bytes per host (weights + KV cache at --context) and whether they "
                     "fit, and predict decode tok/s for expert parallel, mlx-lm tensor parallel, pipeline and "
-                    "one host. The cost model and the chip/link profiles are in docs/PLAN.md.",
+                    "one host; with --concurrency, also aggregate tok/s and KV cache per host for that many "
+                    "requests decoding together (expert parallel with data-parallel or replicated attention). "
+                    "The cost model and the chip/link profiles are in docs/PLAN.md.",
         epilog="examples:\n"
                "  mlx-moe plan --model mlx-community/Qwen3-235B-A22B-8bit --hosts mac1,mac2 --link tb5-rdma\n"
                "  mlx-moe plan --model ./DeepSeek-V3-4bit --hosts 4 --chip m3-ultra --memory 512G\n"
-               "  mlx-moe plan --model ./model --hosts studio,laptop --chip m3-ultra,m4-max --memory 512G,128G")
+               "  mlx-moe plan --model ./model --hosts studio,laptop --chip m3-ultra,m4-max --memory 512G,128G\n"
+               "  mlx-moe plan --model ./model --hosts 2 --link tb5-rdma --concurrency 1,8,32 --decode-at 4096")
     pn.add_argument("--model", required=True, help="Hugging Face repo id or local checkpoint directory")
     pn.add_argument("--hosts", default="2", help="host names, comma-separated (mac1,mac2), or a count (4); default 2")
     pn.add_argument("--chip", default=None,
@@ -351,8 +408,13 @@ def main(argv=None):
                     help="tokens of KV cache to budget per host (default 32768, at most the model's maximum)")
     pn.add_argument("--decode-at", type=int, default=0,
                     help="predict decode at this many tokens of context already in the cache (default 0)")
+    pn.add_argument("--concurrency", default=None, metavar="N[,N...]",
+                    help="also predict decode with N requests at once (e.g. 8 or 1,8,32): aggregate tok/s and "
+                         "KV cache per host for expert parallel with data-parallel or replicated attention, "
+                         "tensor parallel, pipeline and one host; each request gets --context tokens of KV cache "
+                         "and decodes at --decode-at")
     pn.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
-    pn.add_argument("--json", action="store_true", help="print the report as JSON")
+    pn.add_argument("--json", action="store_true", help="print the report as JSON (with --concurrency: \"batch\")")
     pn.set_defaults(func=cmd_plan)
 
     sub.add_parser("synth", help="write a small synthetic checkpoint (see mlx-moe synth --help)", add_help=False)

@@ -74,6 +74,7 @@ class Home:
                              f"({n} ranks), not all 0")
         self.most = max(self.counts)
         self.start = sum(self.counts[:self.rank])
+        self.combined = []  # each MoE layer's output, in order (see `join_all`)
         packed = np.concatenate([r * self.most + np.arange(c) for r, c in enumerate(self.counts)])
         uneven = len(set(self.counts)) > 1
         # Token t's row in the padded gather [N * most, D] (None: the same) ...
@@ -117,8 +118,18 @@ class Home:
             mine = summed[self.start:self.start + own]
         shape = (*x.shape[:-1], *y.shape[1:])
         if not own:  # the placeholder's output: zeros that wait for the combine
-            return mx.depends(mx.zeros(shape, dtype=y.dtype), summed)
-        return mine.reshape(shape)
+            out = mx.depends(mx.zeros(shape, dtype=y.dtype), summed)
+        else:
+            out = mine.reshape(shape)
+        self.combined.append(out)
+        return out
+
+    def join_all(self) -> None:
+        """Queue every MoE layer's collectives of the forward just built. A
+        caller may evaluate less than the whole output (mlx-lm's prompt
+        chunks evaluate only the KV caches, which skips the last MoE layer),
+        but the other ranks' forwards of the same slot run every layer."""
+        mx.async_eval(self.combined)
 
 
 def current() -> Optional[Home]:

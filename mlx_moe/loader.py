@@ -23,6 +23,7 @@ from .headers import read_hub
 from .placement import read_placement
 from .pipeline import _layer_list
 from .plan import ShardingPlan, experts_text, get_strategy, module_at, plan as make_plan
+from .progress import Progress, download_bar
 
 # Everything but the weights: enough to build the model and plan it.
 METADATA_PATTERNS = ["*.json", "*.py", "tokenizer.model", "*.tiktoken", "*.txt", "*.jsonl", "*.jinja"]
@@ -37,11 +38,14 @@ def log(msg: str) -> None:
             pass
 
 
-def _download(model_id: str, revision, allow_patterns) -> Path:
+def _download(model_id: str, revision, allow_patterns, progress=None) -> Path:
     from huggingface_hub import snapshot_download
 
+    # No tqdm bars: several ranks' would interleave; `progress` gets the bytes instead.
+    bar = download_bar(lambda done, total: progress and progress("downloading", done, total))
     try:
-        return Path(snapshot_download(model_id, revision=revision, allow_patterns=allow_patterns))
+        return Path(snapshot_download(model_id, revision=revision, allow_patterns=allow_patterns,
+                                      tqdm_class=bar))
     except Exception as e:
         raise FileNotFoundError(
             f"Could not fetch {model_id!r} from the Hugging Face hub ({type(e).__name__}: {e}). "
@@ -163,6 +167,20 @@ def held_bytes(model: nn.Module, plan: ShardingPlan) -> int:
     return total
 
 
+def _evaluate(model: nn.Module, report, pieces: int = 50) -> None:
+    """mx.eval(model.parameters()) in about `pieces` parts, calling
+    `report(bytes evaluated)` after each, in the parameters' order."""
+    params = [p for _, p in tree_flatten(model.parameters())]
+    step, batch, done = max(1, sum(p.nbytes for p in params) // pieces), [], 0
+    for i, p in enumerate(params):
+        batch.append(p)
+        done += p.nbytes
+        if done // step > (done - p.nbytes) // step or i == len(params) - 1:
+            mx.eval(batch)
+            batch = []
+            report(done)
+
+
 def available_bytes() -> Optional[int]:
     """Memory this host can give the weights: $MLX_MOE_MEMORY_LIMIT (e.g.
     "96G"), else Metal's recommended working set, else Linux's MemAvailable."""
@@ -234,10 +252,12 @@ def load_sharded(
     t0 = time.perf_counter()
 
     path = local_checkpoint(model_id)
+    progress = Progress(rank, size, downloads=path is None, log=log)
     if size == 1:
-        path = path or _download(model_id, revision, None)
+        path = path or _download(model_id, revision, None, progress)
         model, config = load_model(path)
         model.sharding_plan = ShardingPlan("single", "one process: the plain model", 1, 0, [])
+        progress("loaded", param_bytes(model), param_bytes(model))
         return model, load_tokenizer(path, eos_token_ids=config.get("eos_token_id", None))
 
     strict, known = True, None
@@ -252,7 +272,7 @@ def load_sharded(
         files = files_for(path, first, skeleton, known)
         log(f"[rank {rank}/{size}] downloading {len(files)} of {len(set(_weight_map(path).values())) or 1} "
             f"weight file(s) of {model_id}")
-        path = _download(model_id, revision, files)
+        path = _download(model_id, revision, files, progress)
         strict = first.strategy != "pipeline"  # a pipeline stage has only its own layers' files
 
     # Build the model lazily: nothing is read until a parameter is evaluated,
@@ -263,7 +283,8 @@ def load_sharded(
     del model.sanitize  # back to the class's own
     plan = make_plan(model, group, strategy, **options)
     log(f"[rank {rank}/{size}] plan: {plan.strategy} ({plan.reason}); this rank holds {_share(plan)}")
-    check_fits(held_bytes(model, plan), rank, size)
+    held = held_bytes(model, plan)
+    check_fits(held, rank, size)
     tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id", None))
     check_cluster(path, plan, tokenizer, group)  # before reading: a mismatch costs no load time
 
@@ -272,19 +293,13 @@ def load_sharded(
         if ckpt.stacks:
             log(f"[rank {rank}/{size}] {len(ckpt.stacks)} expert tensors are stacked from one tensor "
                 "per expert: reading only this rank's")
-    moe_paths = [l.path for l in plan.moe_layers]
-    done, warned = set(), []
+    warned = []
+    progress("reading", 0, held)
 
     def read_rows(name, array, rows):
-        # Progress about every quarter of the MoE layers.
-        layer = next((p for p in moe_paths if name.startswith(p + ".")), None)
-        if layer not in done:
-            done.add(layer)
-            if len(done) % max(1, len(moe_paths) // 4) == 0 or len(done) == len(moe_paths):
-                log(f"[rank {rank}/{size}] reading {len(rows)} experts: MoE layer {len(done)}/"
-                    f"{len(moe_paths)}, {ckpt.bytes_read / 2**20:.1f} MiB read")
         out = ckpt.read_rows(name, array, rows)
         if out is not None:
+            progress("reading", ckpt.bytes_read, held)
             return out
         # A tensor that sanitize renamed or rebuilt is read whole, then copied.
         if not warned:
@@ -294,12 +309,14 @@ def load_sharded(
         return copy_rows(name, array, rows)
 
     get_strategy(plan.strategy).apply(model, plan, group, read_rows=read_rows)
-    mx.eval(model.parameters())
+    # The rest (attention, shared weights) is read as it is evaluated.
+    _evaluate(model, lambda n: progress("reading", min(held, max(ckpt.bytes_read, n)), held))
     plan.param_bytes["total"] = param_bytes(model)
     if "experts_local" in plan.param_bytes:
         plan.param_bytes["replicated"] = plan.param_bytes["total"] - plan.param_bytes["experts_local"]
     model.sharding_plan = plan
     comm.barrier(group)  # loading ends together: no rank serves while another still reads
+    progress("loaded", plan.param_bytes["total"], plan.param_bytes["total"])
     log(
         f"[rank {rank}/{size}] loaded in {time.perf_counter() - t0:.1f}s: "
         f"{plan.param_bytes['total'] / 2**20:.1f} MiB of parameters"

@@ -117,7 +117,8 @@ def test_sixteen_clients_get_single_process_greedy_answers(server, model_path):
     _assert_single_process_answers(answers, model_path)
     after = _scrape(server)
     assert _batched_steps(before, after) > 0
-    assert value(after, "mlx_moe_kv_cache_bytes") >= 0 and value(after, "mlx_moe_requests_waiting") == 0
+    assert ("mlx_moe_kv_cache_bytes", (("rank", "1"),)) in after  # a gauge per rank
+    assert value(after, "mlx_moe_requests_waiting") == 0
 
 
 def test_sixteen_clients_on_three_ranks(model_path):
@@ -192,7 +193,13 @@ def test_a_full_queue_answers_429(model_path):
 
 
 def test_killed_rank_ends_every_stream_of_the_batch(model_path):
-    proc, port, url = _serve(model_path, "--max-concurrency", "8")
+    killed_rank_ends_every_stream(model_path, "--attention", "replicated")
+
+
+def killed_rank_ends_every_stream(model_path, *extra):
+    """8 streams running, rank 1 killed: every stream ends with an error
+    naming it (none normally), and the command exits non-zero."""
+    proc, port, url = _serve(model_path, "--max-concurrency", "8", *extra)
     try:
         wait_ready(url, proc)
         victim = _rank_pid(f"--port {port}", 1)

@@ -234,7 +234,7 @@ UNENFORCEABLE = {"type": "json_schema", "json_schema": {"name": "r", "schema": {
 @pytest.mark.parametrize("body,param", [
     ({"frobnicate": 1}, "frobnicate"),
     ({"presence_penalty": 5}, "presence_penalty"),  # OpenAI's range is -2 to 2
-    ({"n": 2}, "n"),
+    ({"n": 17}, "n"),
     ({"chat_template_kwargs": {"tools": []}}, "chat_template_kwargs"),
     ({"response_format": UNENFORCEABLE}, "response_format"),
     ({"tool_choice": "required"}, "tool_choice"),  # no tools to call

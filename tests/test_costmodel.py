@@ -5,6 +5,9 @@ apply."""
 
 import itertools
 import json
+import math
+import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +15,9 @@ from pathlib import Path
 import pytest
 from mlx_lm.utils import load_model
 
+from mlx_moe import batchmodel
+from mlx_moe.batchmodel import DP_SLOTS, batch_estimates, distinct_experts, expected_max_of
+from mlx_moe.comm import max_message_bytes
 from mlx_moe.costmodel import Model, expected_max, load_profiles, make_hosts, make_report
 from mlx_moe.headers import header_only_checkpoint, read_local
 from mlx_moe.loader import param_bytes
@@ -179,3 +185,158 @@ def test_cli(models, tmp_path):
     (tmp_path / "empty").mkdir()
     bad = _cli("--model", str(tmp_path / "empty"))
     assert bad.returncode == 2 and "no config.json" in bad.stderr
+
+
+# ------------------------------------------------ batches (--concurrency)
+
+
+def batch(r, *requests):
+    return {(e.strategy, e.requests): e for e in batch_estimates(r, requests)}
+
+
+def test_distinct_experts_is_the_expected_union():
+    experts, k, tokens = 6, 2, 3
+    picks = list(itertools.combinations(range(experts), k))
+    unions = [len(set().union(*d)) for d in itertools.product(picks, repeat=tokens)]
+    assert distinct_experts(experts, k, tokens) == pytest.approx(sum(unions) / len(unions))
+    assert distinct_experts(128, 8, 1) == 8
+    assert 127.9 < distinct_experts(128, 8, 1000) <= 128
+
+
+def test_expected_max_of_is_costmodels_between_whole_draws():
+    rng = random.Random(0)
+    for _ in range(50):
+        counts = [rng.randint(1, 10) for _ in range(rng.randint(2, 4))]
+        table = [[rng.random() for _ in range(c + 1)] for c in counts]
+        cost = lambda h, x: table[h][x]
+        k = rng.randint(1, sum(counts) - 1)
+        exact = expected_max(counts, k, cost)
+        assert expected_max_of(counts, k, cost) == pytest.approx(exact, rel=1e-12)
+        upper = expected_max(counts, k + 1, cost)
+        assert expected_max_of(counts, k + 0.25, cost) == pytest.approx(exact + 0.25 * (upper - exact), rel=1e-12)
+
+
+@pytest.mark.parametrize("key", ["qwen3", "dsv3", "llama"])
+@pytest.mark.parametrize("n", [2, 4])
+def test_one_request_is_the_single_stream_prediction(models, key, n):
+    cases = [("tb5-rdma", None, 0), ("tb-ip", None, 30000), ("loopback-ring", "cpu-here-shared", 500)]
+    for link, chip, position in cases:
+        r = report(models[key], str(n), chip, link=link, position=position)
+        rows = batch(r, 1)
+        for e in r.estimates:
+            b = rows[e.strategy, 1]
+            assert b.runs == e.runs and b.weights == e.weights and b.kv == pytest.approx(e.kv)
+            if e.runs:
+                for got, want in [(b.tok_s, e.tok_s), (b.memory_s, e.memory_s), (b.overhead_s, e.overhead_s),
+                                  (b.comm_s, e.comm_s)]:
+                    assert got == pytest.approx(want, rel=1e-9), (e.strategy, link)
+                assert b.collectives == e.collectives
+        replicated, dp = rows["expert", 1], rows["expert-dp", 1]
+        if replicated.runs:
+            # One request under data-parallel attention: an all_gather more per MoE layer, and the slots.
+            assert dp.collectives == 2 * replicated.collectives + DP_SLOTS
+            assert dp.tok_s < replicated.tok_s
+
+
+@pytest.mark.parametrize("n", [2, 3, 4])
+def test_kv_cache_per_host(models, n):
+    r = report(models["qwen3"], str(n))
+    one = by_strategy(r)
+    for b in (1, 5, 8, 32):
+        rows = batch(r, b)
+        dp, replicated = rows["expert-dp", b], rows["expert", b]
+        assert replicated.kv == pytest.approx([b * one["expert"].kv[0]] * n)
+        assert max(dp.kv) == pytest.approx(math.ceil(b / n) / b * max(replicated.kv))
+        assert sum(dp.kv) == pytest.approx(b * one["expert"].kv[0])  # each request's cache on one host
+        for s in ("tensor", "pipeline", "single"):
+            assert rows[s, b].kv == pytest.approx([b * x for x in one[s].kv])
+    # Qwen3 8-bit on two 512 GB Macs: 48 requests of 32k tokens fit only with the cache split.
+    rows = batch(report(models["qwen3"], "2", memory="512G"), 48)
+    assert all(rows["expert-dp", 48].fits) and not any(rows["expert", 48].fits)
+
+
+@pytest.mark.parametrize("key", ["qwen3", "dsv3"])
+def test_aggregate_rises_with_requests_on_macs(models, key):
+    requests = [1, 2, 4, 8, 16, 32]
+    for n, link, position in itertools.product((2, 4), ("tb5-rdma", "tb-ip"), (0, 8192)):
+        rows = batch(report(models[key], str(n), link=link, position=position), *requests)
+        for s in ("expert-dp", "expert", "tensor", "pipeline", "single"):
+            tok_s = [rows[s, b].tok_s for b in requests]
+            assert tok_s == sorted(tok_s), (s, n, link, position, tok_s)
+            # Weights are read once per step: 32 requests at least twice one's tokens.
+            assert tok_s[-1] > 2 * tok_s[0], (s, tok_s)
+            per_request = [rows[s, b].stream_tok_s for b in requests]
+            assert per_request == sorted(per_request, reverse=True)
+        if link == "tb5-rdma":  # over TCP its second collective per layer costs more than it saves
+            # Split attention: data-parallel overtakes replicated by 32 requests.
+            assert rows["expert-dp", 32].tok_s > rows["expert", 32].tok_s
+
+
+def test_a_cpu_gains_little_from_a_batch(models):
+    """The CPU profiles' bandwidth is a quantized matmul's throughput, which
+    grows with every token (as the next test measures): a batch saves only
+    the fixed per-op cost. docs/BENCHMARKS.md saw the same in serving."""
+    for n, chip in (("1", "cpu-here"), ("2", "cpu-here-shared")):
+        rows = batch(report(models["qwen3"], n, chip, link="loopback-ring"), 1, 16)
+        for s in {s for s, _ in rows}:
+            if rows[s, 1].runs:
+                assert rows[s, 1].tok_s < rows[s, 16].tok_s < 1.5 * rows[s, 1].tok_s, s
+
+
+def test_this_cpu_is_compute_bound_in_a_batch():
+    import time
+
+    import mlx.core as mx
+
+    if mx.default_device() != mx.cpu:
+        pytest.skip("measures the CPU backend")
+    w, s, b = mx.quantize(mx.random.normal((1024, 2048)), group_size=32, bits=4)
+    timed = {}
+    for m in (1, 8):
+        x = mx.random.normal((m, 2048))
+        mx.eval(x, w, s, b)
+        runs = []
+        for _ in range(7):
+            t = time.perf_counter()
+            mx.eval(mx.quantized_matmul(x, w, s, b, group_size=32, bits=4))
+            runs.append(time.perf_counter() - t)
+        timed[m] = min(runs)
+    assert timed[8] > 3 * timed[1], timed  # a GPU's would be about the same
+
+
+def test_collectives_split_at_the_message_bound():
+    link, bound = LINKS["tb-ip"], max_message_bytes()
+    assert batchmodel.all_sum_s(link, 2, bound) == link.all_sum_s(2, bound)
+    # Twice the bound: two messages, each paying the ring's latency.
+    assert batchmodel.all_sum_s(link, 2, 2 * bound) == pytest.approx(
+        link.all_sum_s(2, 2 * bound) + link.latency_us * 1e-6)
+    # sum_scatter's message holds every host's block.
+    mesh = LINKS["tb5-rdma"]
+    assert batchmodel.sum_scatter_s(mesh, 4, bound / 4) == pytest.approx(mesh.send_s(bound / 4))
+    assert batchmodel.sum_scatter_s(mesh, 4, bound / 2) == pytest.approx(2 * mesh.send_s(bound / 4))
+
+
+def test_batch_model_constants_follow_the_code_and_profiles():
+    source = (Path(batchmodel.__file__).parent / "expert.py").read_text()
+    assert re.search(r"GATHER_MIN_TOKENS = 1 if mx.default_device\(\) == mx.cpu else (\d+)", source).group(1) \
+        == str(batchmodel.GPU_GATHER_MIN_TOKENS)
+    assert {c.name for c in CHIPS.values() if c.gpu} <= set(batchmodel.MATMUL_TFLOPS)
+
+
+def test_cli_concurrency(checkpoint):
+    path = str(checkpoint("qwen3_moe", experts=8, top_k=2))
+    plain = _cli("--model", path, "--hosts", "2", "--json")
+    out = _cli("--model", path, "--hosts", "2", "--concurrency", "8", "--json")
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    rows = {row["strategy"]: row for row in data.pop("batch")}
+    assert data == json.loads(plain.stdout)  # the rest is the report without --concurrency
+    assert set(rows) == {"expert-dp", "expert", "tensor", "pipeline", "single"}
+    assert all(row["concurrency"] == 8 and row["runs"] and row["tok_s"] > 0 for row in rows.values())
+    assert rows["expert-dp"]["kv_bytes"] == pytest.approx([x / 2 for x in rows["expert"]["kv_bytes"]])
+    assert rows["expert-dp"]["collectives_per_step"] == 2 * rows["expert"]["collectives_per_step"] + DP_SLOTS
+    text = _cli("--model", path, "--hosts", "2", "--concurrency", "1,8").stdout
+    assert "concurrent requests" in text and "expert, data-parallel attn" in text
+    assert "concurrent requests" not in _cli("--model", path, "--hosts", "2").stdout
+    bad = _cli("--model", path, "--concurrency", "0")
+    assert bad.returncode == 2 and "--concurrency" in bad.stderr

@@ -1,7 +1,9 @@
 """The status page (mlx_moe.serve.status) against a stand-in engine with
 plausible data: its JSON, and the page rendered by headless Chromium (the
-heatmap has one cell per layer and rank, and is really drawn)."""
+heatmap has one cell per layer and rank, and is really drawn); then the
+page of a real two-rank `mlx-moe serve` after a few requests."""
 
+import json
 import re
 import shutil
 import socket
@@ -9,6 +11,7 @@ import struct
 import subprocess
 import threading
 import time
+import urllib.request
 import zlib
 from types import SimpleNamespace
 
@@ -21,6 +24,7 @@ from mlx_moe.expert import ExpertLoad
 from mlx_moe.placement import spread
 from mlx_moe.plan import LayerPlan, ShardingPlan
 from mlx_moe.serve.status import status_router
+from test_serve import serving
 
 RANKS, LAYERS, EXPERTS = 4, 6, 16
 
@@ -51,8 +55,8 @@ class FakeEngine:
 def cluster_info(loading=False):
     def info():
         return [{"host": f"mac{r + 1}", "memory_bytes": (20 + r) * 10**9, "memory_total_bytes": 64 * 10**9,
-                 **({"stage": "reading experts", "loaded_bytes": (r + 1) * 10**9, "load_total_bytes": 8 * 10**9}
-                    if loading else {})} for r in range(RANKS)]
+                 **({"stage": "reading", "loaded_bytes": (r + 1) * 10**9, "load_total_bytes": 8 * 10**9,
+                     "progress": (r + 1) / 8} if loading else {})} for r in range(RANKS)]
     return info
 
 
@@ -162,16 +166,15 @@ def read_png(path):
     return width, height, rows
 
 
-def test_page_draws_the_heatmap(tmp_path, serve):
-    url = serve(make_app(FakeEngine()))
-    dom = chromium(tmp_path, url, "--dump-dom")
+def assert_heatmap_drawn(tmp_path, url, dom, layers, ranks):
+    """The page's heatmap in `dom` has a cell per layer and rank, and its
+    screenshot shows them drawn where the page says the grid is."""
     cells = re.findall(r'<div class="cell" data-layer="(\d+)" data-rank="(\d+)"', dom)
-    assert len(cells) == LAYERS * RANKS
-    assert {(int(l), int(r)) for l, r in cells} == {(l, r) for l in range(LAYERS) for r in range(RANKS)}
-    assert "mac3" in dom and "1 running, 3 waiting" in dom and dom.count('class="rank"') == RANKS
+    assert len(cells) == layers * ranks
+    assert {(int(l), int(r)) for l, r in cells} == {(l, r) for l in range(layers) for r in range(ranks)}
     left, top, width, height = map(int, re.search(r'id="heatmap"[^>]*data-box="([\d,]+)"', dom).group(1).split(","))
     # Rows of 18 px cells and columns of 44 px cells, with labels and gaps.
-    assert width >= RANKS * 44 and height >= (LAYERS + 1) * 18
+    assert width >= ranks * 44 and height >= (layers + 1) * 18
 
     shot = tmp_path / "status.png"
     chromium(tmp_path, url, f"--screenshot={shot}")
@@ -186,10 +189,43 @@ def test_page_draws_the_heatmap(tmp_path, serve):
     assert sum(1 for r, g, b in outside if b > r + 20) < 0.05 * len(region)
 
 
+def test_page_draws_the_heatmap(tmp_path, serve):
+    url = serve(make_app(FakeEngine()))
+    dom = chromium(tmp_path, url, "--dump-dom")
+    assert "mac3" in dom and "1 running, 3 waiting" in dom and dom.count('class="rank"') == RANKS
+    assert_heatmap_drawn(tmp_path, url, dom, LAYERS, RANKS)
+
+
 def test_page_shows_loading_progress(tmp_path, serve):
     url = serve(make_app(FakeEngine(ready=False), loading=True))
     dom = chromium(tmp_path, url, "--dump-dom")
-    assert '<span id="state" class="badge loading">loading</span>' in dom
-    assert dom.count('class="load"') == RANKS and "reading experts" in dom
+    assert '<span id="state" class="badge loading">loading 31%</span>' in dom  # (1 + 2 + 3 + 4) / 32
+    assert dom.count('class="load"') == RANKS and "reading" in dom
     assert 'style="width:25%"' in dom  # rank 1: 2 of 8 GB
     assert dom.count('class="cell"') == 0
+
+
+def test_page_of_a_real_two_rank_server(tmp_path, checkpoint):
+    """Keyless, so the page needs no key: after a few requests, the heatmap
+    has a cell per MoE layer and rank, and each rank's host and memory show."""
+    model = checkpoint("qwen3_moe", quantize=4)
+    with serving(model) as url:
+        for topic in ("rivers", "bridges", "books"):
+            body = {"model": str(model), "messages": [{"role": "user", "content": f"Tell me about {topic}."}],
+                    "max_tokens": 8}
+            req = urllib.request.Request(url + "/v1/chat/completions", json.dumps(body).encode(),
+                                         {"Content-Type": "application/json"})
+            urllib.request.urlopen(req, timeout=120).close()
+        with urllib.request.urlopen(url + "/v1/status", timeout=30) as r:
+            status = json.load(r)
+        dom = chromium(tmp_path, url + "/", "--dump-dom")
+        ranks = status["cluster"]["ranks"]
+        assert status["state"] == "ready" and len(ranks) == 2 and len(status["experts"]["layers"]) == 4
+        assert sum(sum(l["rank_totals"]) for l in status["experts"]["layers"]) > 0
+        assert_heatmap_drawn(tmp_path, url + "/", dom, layers=4, ranks=2)
+        for r in ranks:
+            assert r["host"] == socket.gethostname() and 0 < r["memory_bytes"] < r["memory_total_bytes"]
+        rows = re.findall(r'<tr class="rank" data-memory="(\d+)"><td>(\d)</td><td>([^<]*)</td>.*?'
+                          r'<td>([\d.]+ [KMG]?B) / ([\d.]+ [KMG]?B)</td>', dom)
+        assert [(int(m), int(i), h) for m, i, h, _, _ in rows] == [
+            (r["memory_bytes"], r["rank"], r["host"]) for r in ranks]

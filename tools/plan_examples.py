@@ -3,6 +3,8 @@
 
     python tools/plan_examples.py                  # markdown tables
     python tools/plan_examples.py --fit --write    # refit the Apple chips' op_us first
+    python tools/plan_examples.py --batch          # aggregate tok/s at 1, 8, 32 concurrent requests
+    python tools/plan_examples.py --batch-here     # this CPU: batched decode steps measured vs predicted
 
 The checkpoints are header-only (no weights): the published config.json
 (tests/fixtures/configs) converted the way `mlx_lm.convert -q` would, to
@@ -18,6 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from mlx_moe.batchmodel import batch_estimates  # noqa: E402
 from mlx_moe.costmodel import PROFILES_FILE, Model, load_profiles, make_hosts, make_report  # noqa: E402
 from mlx_moe.headers import header_only_checkpoint, read_local  # noqa: E402
 
@@ -78,12 +81,83 @@ def table(models, chips, links, link: str) -> str:
     return "\n".join(lines)
 
 
+def batch_table(models, chips, links, link: str, positions=(0, 8192), requests=(1, 8, 32)) -> str:
+    """Aggregate decode tok/s of every strategy with B concurrent requests
+    (one number per decode position, "a / b"), and the KV cache per Mac
+    (32k tokens per request) of expert parallel's two attention modes."""
+    lines = ["| model | quant | Macs | requests | expert, DP attn | expert, replicated attn | tensor parallel (mlx-lm) "
+             "| pipeline | one Mac | KV/Mac DP | KV/Mac replicated |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for (name, bits), m in models.items():
+        for n in (2, 4):
+            rows = {}
+            for position in positions:
+                r = make_report(m, make_hosts(str(n), "m3-ultra", "512G", None, chips), links[link], 32768, position)
+                rows.update({(e.strategy, e.requests, position): e for e in batch_estimates(r, requests)})
+            for b in requests:
+                def cell(s):
+                    es = [rows[s, b, p] for p in positions]
+                    if not es[0].runs:
+                        return "-"
+                    return " / ".join(f"{e.tok_s:.0f}" for e in es) + ("" if all(es[0].fits) else " (no fit)")
+
+                kv = lambda s: f"{max(rows[s, b, positions[0]].kv) / 1e9:.0f} GB"
+                lines.append(f"| {name} | {bits}-bit | {n} | {b} | " + " | ".join(
+                    cell(s) for s in ("expert-dp", "expert", "tensor", "pipeline", "single"))
+                    + f" | {kv('expert-dp')} | {kv('expert')} |")
+    return "\n".join(lines)
+
+
+def batch_here(requests=(1, 2, 4, 8, 16), prompt=96) -> None:
+    """Decode steps of one process on this machine for B sequences at once
+    (the benchmark's model, a batched KV cache after a `prompt`-token
+    prefill), against the cpu-here profile's prediction."""
+    import time
+
+    import mlx.core as mx
+    from mlx_lm.models.cache import make_prompt_cache
+    from mlx_lm.utils import load_model
+
+    from mlx_moe.bench import MODEL
+    from mlx_moe.synthetic import synthesize
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = synthesize(Path(tmp) / "bench-model", "qwen3_moe", **MODEL)
+        model, _ = load_model(path)
+        m = Model.read(read_local(path))
+        measured = {}
+        for b in requests:
+            cache = make_prompt_cache(model)
+            mx.eval(model(mx.zeros((b, prompt), dtype=mx.int32), cache=cache))
+            token = mx.zeros((b, 1), dtype=mx.int32)
+            runs = []
+            for i in range(13):
+                t = time.perf_counter()
+                mx.eval(model(token, cache=cache))
+                runs.append(time.perf_counter() - t)
+            measured[b] = sorted(runs[3:])[5]  # median after 3 warm-up steps
+    chips, links = load_profiles()
+    r = make_report(m, make_hosts("1", "cpu-here", None, None, chips), links["loopback-ring"], 4096, prompt + 6)
+    predicted = {e.requests: e.seconds for e in batch_estimates(r, requests)}
+    print("| requests | measured ms/step | predicted | measured tok/s | predicted "
+          "| step / one request's, measured | predicted |")
+    print("|---|---|---|---|---|---|---|")
+    for b in requests:
+        print(f"| {b} | {measured[b] * 1e3:.1f} | {predicted[b] * 1e3:.1f} | {b / measured[b]:.1f} | "
+              f"{b / predicted[b]:.1f} | {measured[b] / measured[1]:.2f} | {predicted[b] / predicted[1]:.2f} |")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--fit", action="store_true", help=f"fit the Apple chips' op_us to {FIT}")
     p.add_argument("--write", action="store_true", help="with --fit: write it into mlx_moe/profiles.json")
     p.add_argument("--links", default="tb5-rdma,tb-ip")
+    p.add_argument("--batch", action="store_true", help="the concurrent-request tables (docs/PLAN.md, Batches)")
+    p.add_argument("--decode-at", default="0,8192",
+                   help="with --batch: decode positions (each cell: one tok/s per position)")
+    p.add_argument("--batch-here", action="store_true", help="measure batched decode on this CPU against cpu-here")
     args = p.parse_args()
+    if args.batch_here:
+        return batch_here()
     with tempfile.TemporaryDirectory() as tmp:
         models = read_models(Path(tmp))
     chips, links = load_profiles()
@@ -93,6 +167,14 @@ def main():
         if args.write:
             write_op_us(op_us)
             chips, links = load_profiles()
+    if args.batch:
+        positions = tuple(int(p) for p in args.decode_at.split(","))
+        for link in args.links.split(","):
+            print(f"\nAggregate decode tok/s of B concurrent requests at decode positions "
+                  f"{' / '.join(map(str, positions))}, 32k tokens of KV cache per request, M3 Ultra 512 GB each, "
+                  f"link {link}:\n")
+            print(batch_table(models, chips, links, link, positions))
+        return
     for link in args.links.split(","):
         print(f"\nDecode tok/s, batch 1, 32k-token KV budget, M3 Ultra 512 GB each, link {link}:\n")
         print(table(models, chips, links, link))

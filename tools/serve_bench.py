@@ -42,9 +42,11 @@ def servers(path: Path, ranks: int, port: int):
     """name -> the command line that serves `path` on `port`."""
     mlx_lm = [sys.executable, "-m", "mlx_lm", "server", "--model", str(path), "--port", str(port),
               "--log-level", "WARNING"]
+    mlx_moe = [sys.executable, "-m", "mlx_moe.cli", "serve", "--model", str(path), "--port", str(port),
+               "--hosts", ",".join(["127.0.0.1"] * ranks)]
     return {
-        f"mlx-moe serve ({ranks} ranks)": [sys.executable, "-m", "mlx_moe.cli", "serve", "--model", str(path),
-                                           "--port", str(port), "--hosts", ",".join(["127.0.0.1"] * ranks)],
+        f"mlx-moe serve ({ranks} ranks, auto: data-parallel attention when batched)": mlx_moe,
+        f"mlx-moe serve ({ranks} ranks, replicated attention)": mlx_moe + ["--attention", "replicated"],
         "mlx-lm server (1 process)": mlx_lm,
         f"mlx-lm server ({ranks} ranks)": launch_command(mlx_lm[1:], hosts=["127.0.0.1"] * ranks),
     }

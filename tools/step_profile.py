@@ -39,7 +39,7 @@ def rank_main(spec: dict) -> None:
 
     group = mx.distributed.init()
     model, tokenizer = load_sharded(spec["model"], group)
-    engine = Engine(model, tokenizer, group, max_concurrency=max(spec["levels"]))
+    engine = Engine(model, tokenizer, group, max_concurrency=max(spec["levels"]), attention=spec["attention"])
     engine.ready.set()
     generator = engine.generator()
     live = set()
@@ -77,13 +77,14 @@ def rank_main(spec: dict) -> None:
         jobs, t0 = [], time.perf_counter()
         if group.rank() == 0:
             for c in range(level):
-                record = {"first": None, "tokens": 0}
+                record = {"first": None, "tokens": 0, "text": ""}
                 prompt = tokenizer.apply_chat_template(
                     [{"role": "user", "content": prompt_for(c, 0, spec["words"])}], add_generation_prompt=True)
 
                 def emit(event, record=record):
                     if event[0] == "text":
                         record["first"] = record["first"] or time.perf_counter()
+                        record["text"] += event[1]
                     elif event[0] == "done":
                         record["tokens"] = event[2]["completion_tokens"]
                         record["end"] = time.perf_counter()
@@ -107,7 +108,7 @@ def rank_main(spec: dict) -> None:
             results.append({"clients": level, "wall_s": wall, "tok_s": sum(r["tokens"] for r in jobs) / wall,
                             "ttft_p50_s": percentile(ttfts, 50), "ttft_p99_s": percentile(ttfts, 99),
                             "first_text_p50_s": percentile(texts, 50), "first_text_p99_s": percentile(texts, 99),
-                            "steps": steps[first_step:]})
+                            "answers": [r["text"] for r in jobs], "steps": steps[first_step:]})
     engine.scheduler.stop()
     engine.step(generator, live)
     if group.rank() == 0:
@@ -131,6 +132,7 @@ def main(argv=None):
     p.add_argument("--words", type=int, default=24)
     p.add_argument("--experts", type=int, default=32)
     p.add_argument("--top-k", type=int, default=4)
+    p.add_argument("--attention", default="replicated", choices=("replicated", "data-parallel", "auto"))
     p.add_argument("--json", default="step-profile.json")
     p.add_argument("--rank-spec", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -141,10 +143,10 @@ def main(argv=None):
     path = synthesize(home / f"serve-bench-qwen3-moe-{args.experts}e{args.top_k}k", "qwen3_moe", **spec)
     out = Path(args.json).with_suffix(".raw.json")
     spec = {"model": str(path), "levels": [int(c) for c in args.clients.split(",")],
-            "max_tokens": args.max_tokens, "words": args.words, "out": str(out)}
+            "max_tokens": args.max_tokens, "words": args.words, "attention": args.attention, "out": str(out)}
     proc = run_ranks([__file__, "--rank-spec", json.dumps(spec)], n=args.ranks, timeout=3600)
-    if proc.returncode != 0:
-        print(proc.stderr[-3000:], file=sys.stderr)
+    if proc.returncode != 0 or not out.exists():
+        print(proc.stderr[-3000:] if not os.environ.get("FULL") else proc.stderr, file=sys.stderr)
         return 1
     results = json.loads(out.read_text())
     print("| clients | tok/s | first token p50 / p99 | first text p99 | steps | decode-only step p50 "

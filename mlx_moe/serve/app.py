@@ -3,6 +3,7 @@ engine (429 when its queue is full), plain and streamed (SSE) responses,
 and cancelling the job of a client that went away."""
 
 import asyncio
+import dataclasses
 import json
 import time
 import uuid
@@ -27,6 +28,8 @@ from .status import status_router
 from .structured import RequestError
 
 DEFAULT_MAX_TOKENS = 512
+MAX_N = 16  # choices per request (each is a sequence in the batch)
+LOGPROB_FLOOR = -9999.0  # vLLM's, for -inf (not JSON)
 RETRY_AFTER = 1  # seconds a client refused for a full queue is told to wait
 
 
@@ -55,10 +58,11 @@ class Sampling(BaseModel):
     top_p: float = Field(1.0, gt=0, le=1)
     seed: Optional[StrictInt] = None
     stop: Optional[Union[StrictStr, List[StrictStr]]] = None
+    stop_token_ids: Optional[List[StrictInt]] = None  # vLLM's: token ids that end the answer
     logit_bias: Optional[Dict[StrictStr, float]] = None
     stream: StrictBool = False
     stream_options: Optional[StreamOptions] = None
-    n: StrictInt = Field(1, ge=1, le=1)
+    n: StrictInt = Field(1, ge=1, le=MAX_N)
     user: Optional[StrictStr] = None  # accepted and ignored: no per-user accounting
     # Beyond OpenAI's fields, those of mlx-lm's and vLLM's servers (top_k,
     # min_p, repetition_penalty); penalties look back PENALTY_CONTEXT tokens.
@@ -68,14 +72,28 @@ class Sampling(BaseModel):
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
 
+    def top_logprobs_count(self) -> Optional[int]:
+        """How many alternatives each token's log-probs list; None: no log-probs."""
+        return None
+
 
 class ChatRequest(Sampling, ChatFields):
-    pass
+    logprobs: StrictBool = False
+    top_logprobs: Optional[StrictInt] = Field(None, ge=0, le=20)
+
+    def top_logprobs_count(self):
+        if self.top_logprobs is not None and not self.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true.", param="top_logprobs")
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionRequest(Sampling):
-    # Text, or token ids; a list of them is several prompts, one choice each.
+    # Text, or token ids; a list of them is several prompts, n choices each.
     prompt: Union[StrictStr, List[StrictInt], List[StrictStr], List[List[StrictInt]]]
+    logprobs: Optional[StrictInt] = Field(None, ge=0, le=5)
+
+    def top_logprobs_count(self):
+        return self.logprobs
 
 
 def encode(tokenizer, prompt: str) -> List[int]:
@@ -138,7 +156,7 @@ def route_paths(routes):
 
 def create_app(engine: Engine, model_id: str, context_length: int, plan_text: str = "",
                api_key: Optional[str] = None, control_token: Optional[str] = None,
-               max_body_bytes: Optional[int] = None) -> FastAPI:
+               max_body_bytes: Optional[int] = None, cluster=None) -> FastAPI:
     app = FastAPI(title="mlx-moe", description="OpenAI-compatible API of an mlx-moe cluster")
     app.add_middleware(BodyLimit, limit=max_body_bytes or DEFAULT_MAX_BODY_BYTES)
     tokenizer = engine.tokenizer
@@ -180,17 +198,6 @@ def create_app(engine: Engine, model_id: str, context_length: int, plan_text: st
     @app.exception_handler(StarletteHTTPException)
     async def _http(request, e: StarletteHTTPException):
         return JSONResponse(error_body(str(e.detail)), status_code=e.status_code)
-
-    @app.get("/health")
-    async def health():
-        if engine.failure:
-            return JSONResponse({"status": "failed", "reason": engine.failure}, status_code=503)
-        if not engine.ready.is_set():
-            return JSONResponse({"status": "loading"}, status_code=503)
-        stalled = engine.stalled_for()
-        if stalled > max(2 * engine.heartbeat, 10):
-            return JSONResponse({"status": "stalled", "seconds": round(stalled)}, status_code=503)
-        return {"status": "ok", "ranks": engine.group.size()}
 
     @app.post("/internal/failure", include_in_schema=False)
     async def failure(request: Request):
@@ -240,10 +247,20 @@ def create_app(engine: Engine, model_id: str, context_length: int, plan_text: st
                            code="context_length_exceeded")
         max_tokens = req.max_completion_tokens or req.max_tokens or DEFAULT_MAX_TOKENS
         stop = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
+        stop_ids = req.stop_token_ids or []
+        if any(not 0 <= t < vocab_size for t in stop_ids):
+            raise APIError(400, f"stop_token_ids has an id outside the vocabulary (0 to {vocab_size - 1}).",
+                           param="stop_token_ids")
         return Job(prompt=prompt, max_tokens=min(max_tokens, room), temperature=req.temperature,
                    top_p=req.top_p, top_k=req.top_k, min_p=req.min_p, seed=req.seed, stop=stop,
+                   stop_token_ids=stop_ids, logprobs=req.top_logprobs_count(),
                    logit_bias=logit_bias(req.logit_bias), repetition_penalty=req.repetition_penalty,
                    presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty)
+
+    def choices(req: Sampling, job: Job) -> List[Job]:
+        """The job of each of the request's n choices: with a seed, choice i
+        samples with seed + i, so they differ and each reproduces."""
+        return [dataclasses.replace(job, seed=None if job.seed is None else job.seed + i) for i in range(req.n)]
 
     def logit_bias(bias: Optional[Dict[str, float]]) -> Dict[int, float]:
         """OpenAI's form (token id as a string -> bias in [-100, 100]) as ids."""
@@ -328,23 +345,48 @@ def create_app(engine: Engine, model_id: str, context_length: int, plan_text: st
         while (await request.receive())["type"] != "http.disconnect":
             pass
 
-    def total_usage(usages):
-        keys = ("prompt_tokens", "completion_tokens", "total_tokens")
-        total = {k: sum(u.get(k, 0) for u in usages) for k in keys}
+    def total_usage(usages, n):
+        """Of the choices, n per prompt: each prompt counts once."""
+        prompt = sum(u.get("prompt_tokens", 0) for u in usages[::n])
+        completion = sum(u.get("completion_tokens", 0) for u in usages)
         # Prompt tokens the prefix cache held, so only the rest was prefilled.
-        total["prompt_tokens_details"] = {"cached_tokens": sum(u.get("cached_tokens", 0) for u in usages)}
-        return total
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                "prompt_tokens_details": {"cached_tokens": sum(u.get("cached_tokens", 0) for u in usages[::n])}}
+
+    def chat_logprobs(entries) -> dict:
+        """OpenAI's chat shape of scheduler.token_logprobs entries."""
+        def one(token, logprob):
+            text = tokenizer.decode([token])
+            return {"token": text, "logprob": max(logprob, LOGPROB_FLOOR), "bytes": list(text.encode())}
+        return {"content": [{**one(t, lp), "top_logprobs": [one(*a) for a in top]} for t, lp, top, _ in entries]}
+
+    def text_logprobs(entries) -> dict:
+        """The completions API's (legacy) shape."""
+        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for token, logprob, top, offset in entries:
+            out["tokens"].append(tokenizer.decode([token]))
+            out["token_logprobs"].append(max(logprob, LOGPROB_FLOOR))
+            # The chosen token is always there, beside the most likely ones
+            # (tokens that read the same, such as parts of a character, keep the best).
+            alternatives = {}
+            for t, lp in top + [(token, logprob)]:
+                alternatives.setdefault(tokenizer.decode([t]), max(lp, LOGPROB_FLOOR))
+            out["top_logprobs"].append(alternatives)
+            out["text_offset"].append(offset)
+        return out
 
     def respond(req: Sampling, jobs: List[Job], kind: str, request: Request, outputs=None):
         """The response of a chat (`outputs`: a ChatOutput per job) or a
-        completions request (a choice per job), whole or streamed."""
+        completions request (a choice per job, n per prompt), whole or streamed."""
         rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
         obj = "chat.completion" if kind == "chat" else "text_completion"
         now = int(time.time())
+        logprobs = jobs[0].logprobs is not None
         streams = merged(start_all(jobs))
         if not req.stream:
             async def collect():
-                texts, choices, usages = [[] for _ in jobs], [None] * len(jobs), [{}] * len(jobs)
+                texts, entries = [[] for _ in jobs], [[] for _ in jobs]
+                choices, usages = [None] * len(jobs), [{}] * len(jobs)
                 async with aclosing(streams):  # an error ends the other choices' jobs now
                     async for i, event in streams:
                         if event[0] == "text":
@@ -352,18 +394,21 @@ def create_app(engine: Engine, model_id: str, context_length: int, plan_text: st
                                 outputs[i].feed(event[1])
                             else:
                                 texts[i].append(event[1])
+                            if logprobs:
+                                entries[i] += event[2]
                         elif event[0] == "error":
                             raise APIError(503 if engine.failure else 500, event[1], type="server_error")
                         else:
                             usages[i] = event[2]
                             if kind == "chat":
                                 _, finish = outputs[i].finish(event[1])
-                                choices[i] = {"index": i, "message": outputs[i].message(), "finish_reason": finish}
+                                choices[i] = {"index": i, "message": outputs[i].message(), "finish_reason": finish,
+                                              "logprobs": chat_logprobs(entries[i]) if logprobs else None}
                             else:
                                 choices[i] = {"index": i, "text": "".join(texts[i]), "finish_reason": event[1],
-                                              "logprobs": None}
+                                              "logprobs": text_logprobs(entries[i]) if logprobs else None}
                 return {"id": rid, "object": obj, "created": now, "model": req.model,
-                        "choices": choices, "usage": total_usage(usages)}
+                        "choices": choices, "usage": total_usage(usages, req.n)}
 
             async def whole():
                 # A client that leaves before the answer frees its place.
@@ -387,20 +432,27 @@ def create_app(engine: Engine, model_id: str, context_length: int, plan_text: st
                         "choices": choices, **extra}
                 return f"data: {json.dumps(data)}\n\n"
 
+            pending = [[] for _ in jobs]  # log-probs of tokens whose text the ChatOutput holds back
+
             def chat_chunks(i, deltas, finish=None):
-                out = [chunk([{"index": i, "delta": d, "finish_reason": None}]) for d in deltas]
+                choices = [{"index": i, "delta": d, "finish_reason": None} for d in deltas]
                 if finish:
-                    out.append(chunk([{"index": i, "delta": {}, "finish_reason": finish}]))
-                return out
+                    choices.append({"index": i, "delta": {}, "finish_reason": finish})
+                for c in choices if logprobs else ():  # the first chunk takes those held back
+                    c["logprobs"], pending[i] = (chat_logprobs(pending[i]) if pending[i] else None), []
+                return [chunk([c]) for c in choices]
 
             if kind == "chat":
-                yield chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
-            usages = []
+                for i in range(len(jobs)):
+                    yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+            usages = [{}] * len(jobs)
             async with aclosing(streams):
                 async for i, event in streams:
                     if event[0] == "error":
                         yield f"data: {json.dumps(error_body(event[1], type='server_error'))}\n\n"
                         break
+                    if event[0] == "text" and logprobs:
+                        pending[i] += event[2]
                     if kind == "chat":
                         if event[0] == "text":
                             pieces = chat_chunks(i, outputs[i].feed(event[1]))
@@ -409,14 +461,16 @@ def create_app(engine: Engine, model_id: str, context_length: int, plan_text: st
                     else:
                         finish = None if event[0] == "text" else event[1]
                         text = event[1] if event[0] == "text" else ""
-                        pieces = [chunk([{"index": i, "text": text, "finish_reason": finish, "logprobs": None}])]
+                        lp = text_logprobs(pending[i]) if logprobs and pending[i] else None
+                        pending[i] = []
+                        pieces = [chunk([{"index": i, "text": text, "finish_reason": finish, "logprobs": lp}])]
                     for piece in pieces:
                         yield piece
                     if event[0] == "done":
-                        usages.append(event[2])
+                        usages[i] = event[2]
                 else:
                     if include_usage:
-                        yield chunk([], usage=total_usage(usages))
+                        yield chunk([], usage=total_usage(usages, req.n))
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(sse(), media_type="text/event-stream")
@@ -432,7 +486,8 @@ def create_app(engine: Engine, model_id: str, context_length: int, plan_text: st
         prompt = await run_in_threadpool(chat_prompt, req)  # templating, and compiling a grammar, take time
         job = prepare(req, prompt.ids)
         job.grammar = prompt.grammar
-        out = respond(req, [job], "chat", request, [ChatOutput(tokenizer, prompt.ids, prompt.tools)])
+        jobs = choices(req, job)
+        out = respond(req, jobs, "chat", request, [ChatOutput(tokenizer, prompt.ids, prompt.tools) for _ in jobs])
         return await out if not req.stream else out
 
     def prompts(prompt) -> List[List[int]]:
@@ -452,7 +507,7 @@ def create_app(engine: Engine, model_id: str, context_length: int, plan_text: st
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
-        jobs = [prepare(req, ids) for ids in prompts(req.prompt)]
+        jobs = [job for ids in prompts(req.prompt) for job in choices(req, prepare(req, ids))]
         out = respond(req, jobs, "text", request)
         return await out if not req.stream else out
 
@@ -468,7 +523,8 @@ def create_app(engine: Engine, model_id: str, context_length: int, plan_text: st
                 yield event
 
     app.include_router(anthropic_router(tokenizer, run_generation, engine.grammars))
-    app.include_router(status_router(engine, model_id))  # after Metrics: it chains engine.on_step
+    # GET /, /v1/status and /health; after Metrics: it chains engine.on_step. `cluster()`: hosts and memory per rank.
+    app.include_router(status_router(engine, model_id, cluster))
 
     metrics.paths = set(route_paths(app.routes))
     return app

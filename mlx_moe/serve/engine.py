@@ -11,26 +11,30 @@ tokens (and that chunk's collectives), so a long prompt does not stall the
 running streams. Sampling needs no exchange: every rank samples the same
 token from the same logits with the request's own seeded key, and
 end-of-sequence and max_tokens end a sequence inside the generator
-identically everywhere. Stop strings are matched on rank 0, which removes
-the sequence in the next plan.
+identically everywhere, and so do a request's stop token ids (they are in
+the plan). Stop strings are matched on rank 0, which removes the sequence
+in the next plan. Log-probs are read on rank 0 only.
 """
 
+import dataclasses
 import faulthandler
 import os
 import random
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
 import mlx.core as mx
-from mlx_lm.generate import BatchGenerator
+from mlx_lm.generate import BatchGenerator, StopSequences, generation_stream
 from mlx_lm.sample_utils import make_logits_processors
 
-from .. import comm
+from .. import comm, data_parallel
 from ..expert import expert_loads
 from ..failures import lost_peer, rank_failed
 from ..loader import log
+from .homes import FINISH, Members, Placement, SlotModel
 from .prefix_cache import PrefixCache
 from .scheduler import Scheduler, exchange, request_sampler
 from .structured import Grammars
@@ -44,6 +48,7 @@ class Job:
     top_p: float = 1.0
     seed: Optional[int] = None
     stop: List[str] = field(default_factory=list)
+    stop_token_ids: List[int] = field(default_factory=list)  # end the answer, as end-of-sequence does
     logit_bias: Dict[int, float] = field(default_factory=dict)
     top_k: int = 0  # 0: every token
     min_p: float = 0.0
@@ -52,8 +57,12 @@ class Job:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     grammar: Optional[str] = None  # Lark text the answer must follow (structured.Grammars)
-    # Called on rank 0 from the engine thread: ("text", str) per piece, then
-    # ("done", finish_reason, usage) or ("error", message).
+    # Log-probs of each token and of its `logprobs` most likely alternatives (None: none).
+    logprobs: Optional[int] = None
+    # Called on rank 0 from the engine thread: ("text", str) per piece (with
+    # logprobs: ("text", str, [(token, logprob, [(token, logprob), ...],
+    # offset of its text in the answer)] for the tokens since the last
+    # piece), then ("done", finish_reason, usage) or ("error", message).
     emit: Callable = print
     cancelled: bool = False  # the client went away (set by the HTTP side)
 
@@ -65,7 +74,7 @@ class Job:
                     repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
                     frequency_penalty=self.frequency_penalty,
                     logit_bias=[[k, v] for k, v in self.logit_bias.items()],
-                    grammar=self.grammar)
+                    grammar=self.grammar, stop_token_ids=self.stop_token_ids, logprobs=self.logprobs)
 
 
 class StopMatcher:
@@ -140,9 +149,16 @@ class Engine:
 
     def __init__(self, model, tokenizer, group, heartbeat: float = 5.0, watchdog: float = 60.0,
                  max_concurrency: int = 16, max_queue: int = 64, prefill_step_size: int = 512,
-                 prompt_cache_bytes: int = 0):
+                 prompt_cache_bytes: int = 0, attention: str = "replicated"):
         self.model, self.tokenizer, self.group = model, tokenizer, group
         self.rank = group.rank()
+        if attention != "replicated":
+            data_parallel.enable(model, group)
+        # The model as the generator calls it: in data-parallel steps each forward joins a slot.
+        self.slots = SlotModel(model, group, max_concurrency)
+        self.members = Members()  # this rank's sequences
+        self.placement = Placement(group.size(), attention, room=max_concurrency)  # rank 0's
+        self.kv_bytes = [0] * group.size()  # KV cache bytes per rank, after the last step (rank 0)
         self.max_concurrency, self.prefill_step_size = max_concurrency, prefill_step_size
         self.scheduler = Scheduler(tokenizer, StopMatcher, max_concurrency, max_queue)
         self.prefix = PrefixCache(prompt_cache_bytes)
@@ -241,7 +257,7 @@ class Engine:
     def generator(self) -> BatchGenerator:
         """The batch this rank runs; `step` drives it."""
         return BatchGenerator(
-            self.model, stop_tokens=[[t] for t in self.tokenizer.eos_token_ids],
+            self.slots, stop_tokens=[[t] for t in self.tokenizer.eos_token_ids],
             completion_batch_size=self.max_concurrency,
             prefill_batch_size=min(PREFILL_BATCH, self.max_concurrency),
             prefill_step_size=self.prefill_step_size)
@@ -253,6 +269,7 @@ class Engine:
         if self.rank == 0:
             self._waiting = False  # it may wait for a request now, not for the cluster
             plan = self.scheduler.plan(self.heartbeat)
+            self.placement.place(plan)
         self._tick()
         self._waiting = True
         plan = exchange(plan, self.group)
@@ -261,36 +278,77 @@ class Engine:
             self._done = True
             return False
         if plan["op"] == "step":
-            # Removals first, then inserts, in the plan's order: the
-            # generator numbers new sequences alike on every rank.
-            removed = generator.remove(plan["remove"], return_prompt_caches=self.prefix.lru is not None)
-            for uid in sorted(removed):  # in one order everywhere: the LRUs stay alike
-                self.prefix.keep(removed[uid][1], removed[uid][0])
-            live.difference_update(plan["remove"])
-            if plan["add"]:
-                add = plan["add"]
-                reused = [self.prefix.take(r["prompt"]) for r in add]
-                uids = generator.insert(
-                    [rest for _, rest, _ in reused], max_tokens=[r["max_tokens"] for r in add],
-                    caches=[cache for cache, _, _ in reused],
-                    all_tokens=[r["prompt"][:cached] for r, (_, _, cached) in zip(add, reused)],
-                    samplers=[request_sampler(r) for r in add],
-                    logits_processors=[self.processors(r) for r in add])
-                live.update(uids)
-                if self.rank == 0:
-                    self.scheduler.joined(uids, [cached for _, _, cached in reused])
+            self._apply(plan, generator, live)
+        dp = plan.get("dp", False)
         if live:
             bound_prefill(generator, self.prefill_step_size)
-        responses = generator.next()[1] if live else []
+        with self.slots.step(dp):
+            responses = generator.next()[1] if live else []
         self._tick()
-        for r in responses:
+        rids = [self.members.rid_of[r.uid] for r in responses]
+        for r, rid in zip(responses, rids):
             if r.finish_reason:
                 live.discard(r.uid)
-                self.prefix.keep(r.all_tokens, r.prompt_cache)
+                self.prefix.keep(r.all_tokens, r.prompt_cache, rid in self.members.replicated)
+                self.members.ended(r.uid)
+        responses = [dataclasses.replace(r, uid=rid) for r, rid in zip(responses, rids)]
+        kv = [generator.prompt_cache_nbytes] * self.group.size()
+        if dp:
+            rows = [(r.uid, r.token, FINISH.index(r.finish_reason), self.members.cached.get(r.uid, 0))
+                    for r in responses]
+            with mx.stream(generation_stream):
+                others, kv = self.slots.finish_step(rows, generator.prompt_cache_nbytes)
+            if self.rank == 0:
+                # Rank 0's own keep their log-probs; the others' come from their homes.
+                responses += [o for o in others if self.placement.homes.get(o.uid, 0) != 0]
+        self._tick()
         if self.rank == 0:
+            for r in responses:
+                active = self.scheduler.running.get(r.uid)
+                if active is not None and getattr(r, "cached", 0):
+                    active.cached = r.cached
+            self.placement.delivered(responses)
             self.scheduler.deliver(responses, self._snapshot_load)
-            self.on_step(*self.scheduler.counts(), len(responses), generator.prompt_cache_nbytes)
+            self.kv_bytes = kv
+            self.on_step(*self.scheduler.counts(), len(responses), sum(kv))
         return True
+
+    def _apply(self, plan: dict, generator: BatchGenerator, live: set) -> None:
+        """The plan's removals, then its inserts, in its order: where every
+        rank holds every sequence, the generators number them alike."""
+        for rid, home in plan.get("rehome", []):
+            self.members.replicated.discard(rid)
+        moved = [rid for rid, home in plan.get("rehome", []) if home != self.rank]
+        leaving = sorted(r for r in plan["remove"] if r in self.members.uid_of)  # one order everywhere
+        shared = [r in self.members.replicated for r in leaving]
+        gone, dropped = self.members.release(leaving), self.members.release(moved)
+        removed = generator.remove(gone + dropped, return_prompt_caches=self.prefix.enabled)
+        for uid, everywhere in zip(gone, shared):
+            if uid in removed:
+                self.prefix.keep(removed[uid][1], removed[uid][0], everywhere)
+        live.difference_update(gone + dropped)
+        add = plan["add"]
+        mine = [r for r in add if r.get("home", -1) in (-1, self.rank)]
+        cached = {}
+        if mine:
+            reused = [self.prefix.take(r["prompt"], r.get("home", -1) < 0) for r in mine]
+            processors = [self.processors(r) for r in mine]
+            raw = [self.capture_raw(r, p) for r, p in zip(mine, processors)]
+            eos = [[t] for t in self.tokenizer.eos_token_ids]
+            uids = generator.insert(
+                [rest for _, rest, _ in reused], max_tokens=[r["max_tokens"] for r in mine],
+                caches=[cache for cache, _, _ in reused],
+                all_tokens=[r["prompt"][:n] for r, (_, _, n) in zip(mine, reused)],
+                samplers=[request_sampler(r) for r in mine], logits_processors=processors,
+                stop_sequences=[StopSequences(eos + [[t] for t in r["stop_token_ids"]]) for r in mine])
+            live.update(uids)
+            cached = {r["id"]: n for r, (_, _, n) in zip(mine, reused)}
+            self.members.add([r["id"] for r in mine], uids, list(cached.values()),
+                             [r.get("home", -1) < 0 for r in mine])
+        if self.rank == 0 and add:
+            self.scheduler.joined([r["id"] for r in add], [cached.get(r["id"], 0) for r in add])
+            for r, capture in zip(mine, raw if mine else []):
+                self.scheduler.running[r["id"]].raw = capture
 
     def processors(self, spec: dict) -> list:
         """One request's logits processors (mlx-lm's, and its grammar's), from its Job.spec."""
@@ -300,6 +358,22 @@ class Engine:
             presence_context_size=PENALTY_CONTEXT, frequency_penalty=spec["frequency_penalty"] or None,
             frequency_context_size=PENALTY_CONTEXT,
         ) + ([self.grammars.processor(spec["grammar"])] if spec.get("grammar") else [])
+
+    def capture_raw(self, spec: dict, processors: list) -> Optional[deque]:
+        """Rank 0, for a request with logprobs whose processors change the
+        logits (logit_bias, penalties, a grammar): a deque that gets the
+        model's own log-probs of each step, as OpenAI and vLLM report them
+        (the generator's are those after the processors). None otherwise:
+        the generator's are the model's."""
+        if self.rank != 0 or spec["logprobs"] is None or not processors:
+            return None
+        raw = deque()
+
+        def keep(tokens, logits):
+            raw.append(logits[0] - mx.logsumexp(logits[0], keepdims=True))
+            return logits
+        processors.insert(0, keep)
+        return raw
 
     def _snapshot_load(self) -> None:
         # On the engine thread, because counting evaluates MLX arrays; before

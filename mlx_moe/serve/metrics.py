@@ -49,8 +49,10 @@ class Metrics:
                              "as of the last step", registry=r)
         self.batch_size = Histogram("mlx_moe_batch_size", "Sequences decoded together, per step that decoded",
                                     buckets=BATCH_BUCKETS, registry=r)
-        self.kv_cache_bytes = Gauge("mlx_moe_kv_cache_bytes", "Bytes of the batch's KV caches (one rank)",
+        self.kv_cache_bytes = Gauge("mlx_moe_kv_cache_bytes", "Bytes of the batch's KV caches on a rank "
+                                    "(with data-parallel attention each holds its own requests')", ["rank"],
                                     registry=r)
+        self.engine = engine
         engine.on_step = self.step
         r.register(ExpertLoadCollector(engine))
 
@@ -58,7 +60,8 @@ class Metrics:
         """Called by the engine after each step."""
         self.running.set(running)
         self.waiting.set(waiting)
-        self.kv_cache_bytes.set(kv_bytes)
+        for rank, held in enumerate(self.engine.kv_bytes):
+            self.kv_cache_bytes.labels(str(rank)).set(held)
         if decoded:
             self.batch_size.observe(decoded)
 

@@ -1,5 +1,6 @@
 """The program each rank of `mlx-moe serve` runs: load the shard, then
-follow the engine loop; rank 0 also serves HTTP.
+follow the engine loop; rank 0 also serves HTTP, from before it loads (the
+loading app, see loading.py) until the end.
 
 The engine runs in a thread so the main thread stays free for signals: when
 mlx.launch stops the cluster (a rank exited) or the user does, rank 0 first
@@ -8,6 +9,7 @@ ends the requests in flight with an error that says why."""
 import argparse
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -16,9 +18,11 @@ import mlx.core as mx
 
 from ..failures import exit_failed
 from ..consistency import exchange
-from ..loader import available_bytes, load_sharded, log
+from ..cores import restore_priority
+from ..loader import available_bytes, load_sharded, log, param_bytes
 from ..placement import resolve
 from .engine import Engine
+from .homes import ATTENTION, attention_mode
 
 DEFAULT_PROMPT_CACHE_BYTES = 2 * 2**30  # where the free memory is not known
 FLUSH_WAIT = 5.0  # seconds it gives open responses to deliver their error
@@ -47,14 +51,43 @@ def main(argv=None):
         exit_failed(e)
 
 
-def prompt_cache_bytes(asked, group) -> int:
+def describe_ranks(model, available, group) -> list:
+    """Every rank's host, the bytes its shard holds, the memory its host had
+    for it (before loading) and has left: one all_gather, at start."""
+    mine = {"host": socket.gethostname(), "memory_bytes": param_bytes(model),
+            "memory_total_bytes": available, "free_bytes": available_bytes()}
+    return exchange(mine, group)
+
+
+def prompt_cache_bytes(asked, ranks) -> int:
     """The prefix cache's bound: asked, else a quarter of the memory left on
     the host with the least (every rank must use the same bound, or their
     caches would evict differently and reuse different prefixes)."""
     if asked is not None:
         return asked
-    free = available_bytes()
-    return min(exchange(free // 4 if free else DEFAULT_PROMPT_CACHE_BYTES, group))
+    return min(r["free_bytes"] // 4 if r["free_bytes"] else DEFAULT_PROMPT_CACHE_BYTES for r in ranks)
+
+
+def serve_http(args, size: int):
+    """Start rank 0's HTTP server on the loading app (returned: the Switch
+    to hand the real app to); it listens before this returns, or this fails."""
+    import uvicorn
+
+    from .loading import Loading, Switch, loading_app
+
+    loading = loading_app(Loading(size), args.model, api_key=os.environ.get("MLX_MOE_API_KEY"),
+                          control_token=os.environ.get("MLX_MOE_CONTROL_TOKEN"))
+    switch = Switch(loading)
+    server = uvicorn.Server(uvicorn.Config(switch, host=args.host, port=args.port, log_level="warning",
+                                           lifespan="off"))
+    thread = threading.Thread(target=server.run, daemon=True, name="http")
+    thread.start()
+    while not server.started and thread.is_alive():
+        thread.join(0.05)
+    if not server.started:
+        raise OSError(f"rank 0 cannot serve HTTP on {args.host}:{args.port} (is the port in use?)")
+    log(f"[rank 0] status page and /health on http://{args.host}:{args.port}/ while the ranks load")
+    return switch
 
 
 def serve(argv=None):
@@ -74,29 +107,33 @@ def serve(argv=None):
     p.add_argument("--max-queue", type=int, default=64)
     p.add_argument("--prefill-step-size", type=int, default=512)
     p.add_argument("--prompt-cache-bytes", type=int, default=None)
+    p.add_argument("--attention", choices=ATTENTION, default="replicated")
     args = p.parse_args(argv)
 
     group = mx.distributed.init()
+    restore_priority()  # before the HTTP thread starts, which keeps the priority it starts with
+    switch = serve_http(args, group.size()) if group.rank() == 0 else None
+    available = available_bytes()
     placement = resolve(args.placement, args.expert_load, group.size())
     model, tokenizer = load_sharded(args.model, group, args.strategy, placement=placement,
                                     max_collective_bytes=args.max_collective_bytes)
+    ranks = describe_ranks(model, available, group)
     engine = Engine(model, tokenizer, group, heartbeat=args.heartbeat, watchdog=args.watchdog_timeout,
                     max_concurrency=args.max_concurrency, max_queue=args.max_queue,
                     prefill_step_size=args.prefill_step_size,
-                    prompt_cache_bytes=prompt_cache_bytes(args.prompt_cache_bytes, group))
+                    prompt_cache_bytes=prompt_cache_bytes(args.prompt_cache_bytes, ranks),
+                    attention=attention_mode(args.attention, model))
     if group.rank() == 0:
-        import uvicorn
-
         from .app import create_app
 
         plan = str(model.sharding_plan)
         print(plan, file=sys.stderr, flush=True)
+        hosts = [{k: r[k] for k in ("host", "memory_bytes", "memory_total_bytes")} for r in ranks]
         app = create_app(engine, args.model, context_length(model, args.max_context), plan,
                          api_key=os.environ.get("MLX_MOE_API_KEY"),
                          control_token=os.environ.get("MLX_MOE_CONTROL_TOKEN"),
-                         max_body_bytes=args.max_body_bytes)
-        server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning"))
-        threading.Thread(target=server.run, daemon=True, name="http").start()
+                         max_body_bytes=args.max_body_bytes, cluster=lambda: hosts)
+        switch.switch(app, engine.ready)  # the real app answers once the engine runs
         engine.on_failure = lambda reason: _stop_rank0(engine, 3)
 
         def on_term(signum, frame):

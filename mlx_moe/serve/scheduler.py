@@ -6,16 +6,17 @@ the ids of those that leave (cancelled by their client, or a stop string
 reached). `exchange` gives it to every rank in one all_sum of HEADER_BYTES
 (a second one only when it does not fit); every rank then applies it to its
 mlx-lm BatchGenerator in the same order, so the ids the generator assigns
-agree, and runs the same step. End-of-sequence and max_tokens end a
-sequence inside the generator, identically on every rank; text, stop
-strings and the clients live on rank 0 only (`Scheduler`)."""
+agree, and runs the same step. End-of-sequence, stop token ids and
+max_tokens end a sequence inside the generator, identically on every rank;
+text, stop strings, log-probs and the clients live on rank 0 only
+(`Scheduler`)."""
 
 import json
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import mlx.core as mx
 import numpy as np
@@ -74,6 +75,14 @@ def request_sampler(spec: dict):
     return sample
 
 
+def token_logprobs(logprobs: mx.array, token: int, k: int) -> Tuple[int, float, List[Tuple[int, float]]]:
+    """(token, its log-prob, the k most likely tokens and theirs, best first)
+    from one step's log-probs over the vocabulary."""
+    v = np.array(logprobs.astype(mx.float32))
+    top = np.argpartition(-v, k - 1)[:k] if k else []
+    return token, float(v[token]), [(int(t), float(v[t])) for t in sorted(top, key=lambda t: -v[t])]
+
+
 class QueueFull(Exception):
     pass
 
@@ -87,6 +96,8 @@ class Active:
     tokens: int = 0
     first: float = 0.0  # when its first token came
     cached: int = 0  # prompt tokens the prefix cache held
+    raw: Optional[deque] = None  # the model's own log-probs per step (Engine.capture_raw)
+    logprobs: Optional[list] = None  # (token_logprobs..., text offset) of tokens whose text is not sent yet
 
 
 class Scheduler:
@@ -148,7 +159,8 @@ class Scheduler:
         """The generator's ids for the jobs of the last plan, and how many
         prompt tokens of each the prefix cache held."""
         for uid, job, n in zip(uids, self.joining, cached):
-            self.running[uid] = Active(job, self.tokenizer.detokenizer, self.make_stops(job.stop), cached=n)
+            self.running[uid] = Active(job, self.tokenizer.detokenizer, self.make_stops(job.stop), cached=n,
+                                       logprobs=None if job.logprobs is None else [])
         self.joining = []
 
     def _leave(self, uid: int) -> None:
@@ -167,22 +179,23 @@ class Scheduler:
             if active.tokens == 1:
                 active.first = time.perf_counter()
             detok = active.detokenizer
-            if r.finish_reason != "stop":  # end-of-sequence gives no text
+            step_logprobs = active.raw.popleft() if active.raw is not None else r.logprobs
+            if r.finish_reason != "stop":  # end-of-sequence and stop token ids give no text
+                if active.logprobs is not None:  # with where its text starts
+                    active.logprobs.append((*token_logprobs(step_logprobs, r.token, active.job.logprobs),
+                                            len(detok.text)))
                 detok.add_token(r.token)
             if r.finish_reason:
                 detok.finalize()
             text, stopped = active.stops.feed(detok.last_segment)
-            if text:
-                active.job.emit(("text", text))
+            self._send(active, text)
             if stopped or r.finish_reason:
                 with self.cond:
                     if stopped and not r.finish_reason:
                         self._leave(r.uid)  # the generator still runs it
                     else:
                         self.running.pop(r.uid, None)  # a failure may have drained it
-                        rest = active.stops.flush()
-                        if rest:
-                            active.job.emit(("text", rest))
+                self._send(active, active.stops.flush(), last=True)
                 ended.append((active, "stop" if stopped else r.finish_reason))
         if ended:
             before_done()
@@ -195,6 +208,17 @@ class Scheduler:
                 # mlx-lm's rate: from the first token on.
                 "generation_tps": n / elapsed if elapsed > 0 else 0.0,
             }))
+
+    @staticmethod
+    def _send(active: Active, text: str, last: bool = False) -> None:
+        """A piece of text to the client, with the log-probs of its tokens
+        (held back with the text; the `last` piece takes any left)."""
+        if active.logprobs is None:
+            if text:
+                active.job.emit(("text", text))
+        elif text or (last and active.logprobs):
+            active.job.emit(("text", text, active.logprobs))
+            active.logprobs = []
 
     def drain(self) -> list:
         """Every job not yet answered, waiting or running; none are left."""

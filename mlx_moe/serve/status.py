@@ -1,12 +1,14 @@
-"""The status page (GET /) and its data (GET /v1/status): the cluster and
-what each rank holds, the requests running and waiting with tokens/s over
-time, the expert load per layer and rank with each layer's imbalance, and
-the ranks' loading progress.
+"""The status page (GET /), its data (GET /v1/status) and GET /health:
+the cluster and what each rank holds, the requests running and waiting
+with tokens/s over time, the expert load per layer and rank with each
+layer's imbalance, and the ranks' loading progress.
 
 Everything comes from rank 0's engine, read without touching MLX: its
 sharding plan, scheduler and expert-load snapshot (the one /metrics
 serves). Hosts, memory and loading progress are not the engine's to know:
-`cluster()` gives them, one dict per rank (see `status_router`).
+`cluster()` gives them, one dict per rank (see `status_router`). Before
+the engine exists (engine None) the same routes serve the loading app
+(loading.py), from what the launcher reports of each rank.
 """
 
 import threading
@@ -16,7 +18,7 @@ from pathlib import Path
 from typing import Callable, List, Optional
 
 from fastapi import APIRouter
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, JSONResponse
 
 from ..placement import spread
 
@@ -63,26 +65,33 @@ def _holdings(plan, size: int) -> List[dict]:
     return ranks
 
 
+def _state(engine, loading):
+    """("loading" | "ready" | "failed", the failure or None)."""
+    failure = engine.failure if engine else loading.failure
+    return ("failed" if failure else "ready" if engine and engine.ready.is_set() else "loading"), failure
+
+
 def status(engine, model_id: str, throughput: Throughput, cluster: Callable[[], List[dict]],
-           started: float) -> dict:
-    size = engine.group.size()
-    plan = getattr(engine.model, "sharding_plan", None)
+           started: float, loading=None) -> dict:
+    extra = cluster()
+    size = engine.group.size() if engine else len(extra)
+    plan = getattr(engine.model, "sharding_plan", None) if engine else None
     ranks = _holdings(plan, size)
-    for rank, extra in zip(ranks, cluster()):
-        rank.update(extra)
-    state = "failed" if engine.failure else "ready" if engine.ready.is_set() else "loading"
-    running, waiting = engine.scheduler.counts()
+    for rank, more in zip(ranks, extra):
+        rank.update(more)
+    state, failure = _state(engine, loading)
+    running, waiting = engine.scheduler.counts() if engine else (0, 0)
     now = time.perf_counter()
     requests = [{"prompt_tokens": len(a.job.prompt), "generated_tokens": a.tokens,
                  "max_tokens": a.job.max_tokens, "seconds": round(now - a.first, 1) if a.tokens else 0.0}
-                for a in list(engine.scheduler.running.values())]
+                for a in (list(engine.scheduler.running.values()) if engine else [])]
     layers = []
-    for load in engine.expert_load:
+    for load in engine.expert_load if engine else []:
         totals = load.rank_totals(size)
         layers.append({"path": load.path, "counts": load.counts, "owner": load.owner,
                        "rank_totals": totals, "imbalance": round(spread(totals), 4)})
     return {
-        "model": model_id, "state": state, "failure": engine.failure,
+        "model": model_id, "state": state, "failure": failure,
         "uptime_seconds": round(time.time() - started, 1),
         "cluster": {"size": size, "strategy": plan.strategy if plan else None,
                     "reason": plan.reason if plan else None, "ranks": ranks},
@@ -92,28 +101,46 @@ def status(engine, model_id: str, throughput: Throughput, cluster: Callable[[], 
     }
 
 
-def status_router(engine, model_id: str, cluster: Optional[Callable[[], List[dict]]] = None) -> APIRouter:
-    """GET / (the page) and GET /v1/status (its data, also for scripts).
+def status_router(engine, model_id: str, cluster: Optional[Callable[[], List[dict]]] = None,
+                  loading=None) -> APIRouter:
+    """GET / (the page), GET /v1/status (its data, also for scripts) and
+    GET /health (200 only when the cluster serves).
 
     `cluster()` returns one dict per rank, merged into that rank's entry;
     the page shows `host`, `memory_bytes` / `memory_total_bytes` and, while
-    loading, `loaded_bytes` / `load_total_bytes` and `stage`. Chains the
-    engine's `on_step` hook, so create it after anything else that sets it
-    (app.py's Metrics)."""
+    loading, `loaded_bytes` / `load_total_bytes`, `stage` and `progress`
+    (the rank's share of its loading done). `engine` None: the ranks are
+    loading, and `loading` (loading.Loading) says how far and whether one
+    failed. Chains the engine's `on_step` hook, so create it after anything
+    else that sets it (app.py's Metrics)."""
     throughput = Throughput()
-    previous = engine.on_step
+    if engine is not None:
+        previous = engine.on_step
 
-    def on_step(running, waiting, decoded, kv_bytes):
-        previous(running, waiting, decoded, kv_bytes)
-        throughput.add(decoded)
+        def on_step(running, waiting, decoded, kv_bytes):
+            previous(running, waiting, decoded, kv_bytes)
+            throughput.add(decoded)
 
-    engine.on_step = on_step
+        engine.on_step = on_step
     started = time.time()
-    cluster = cluster or (lambda: [])
+    cluster = cluster or (loading.ranks if loading else lambda: [])
     router = APIRouter()
 
     def current() -> dict:
-        return status(engine, model_id, throughput, cluster, started)
+        return status(engine, model_id, throughput, cluster, started, loading)
+
+    @router.get("/health")
+    async def health():
+        state, failure = _state(engine, loading)
+        if failure:
+            return JSONResponse({"status": "failed", "reason": failure}, status_code=503)
+        if state == "loading":
+            return JSONResponse({"status": "loading", "progress": loading.fraction() if loading else 1.0,
+                                 "ranks": cluster()}, status_code=503)
+        stalled = engine.stalled_for()
+        if stalled > max(2 * engine.heartbeat, 10):
+            return JSONResponse({"status": "stalled", "seconds": round(stalled)}, status_code=503)
+        return {"status": "ok", "ranks": engine.group.size()}
 
     @router.get("/v1/status")
     def status_json():  # not async: building it (every layer and expert) stays off the event loop
