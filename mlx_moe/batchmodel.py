@@ -24,7 +24,7 @@ from typing import Callable, List, Sequence, Tuple
 import numpy as np
 
 from .comm import max_message_bytes
-from .costmodel import EP_GATHER_OPS, EP_MASK_OPS, GB, Chip, Host, Link, Model, Report
+from .costmodel import EP_GATHER_OPS, EP_MASK_OPS, GB, Chip, Host, Link, Model, Report, Timed
 from .plan import plan
 from .simulate import LocalGroup
 
@@ -156,7 +156,7 @@ def all_sum_s(link: Link, n: int, nbytes: float) -> float:
 
 
 @dataclass
-class BatchEstimate:
+class BatchEstimate(Timed):
     strategy: str  # "expert-dp" | "expert" | "tensor" | "pipeline" | "single"
     label: str
     requests: int  # B, decoding together
@@ -169,18 +169,6 @@ class BatchEstimate:
     comm_s: float = 0.0
     collectives: int = 0  # per step
     note: str = ""
-
-    @property
-    def runs(self) -> bool:
-        return not self.note
-
-    @property
-    def fits(self) -> List[bool]:
-        return [w + c <= u for w, c, u in zip(self.weights, self.kv, self.usable)]
-
-    @property
-    def seconds(self) -> float:
-        return self.memory_s + self.overhead_s + self.comm_s
 
     @property
     def tok_s(self) -> float:

@@ -361,20 +361,8 @@ class Host:
         return ops * self.chip.op_us * 1e-6 + syncs * self.chip.sync_us * 1e-6
 
 
-@dataclass
-class Estimate:
-    strategy: str  # "expert" | "tensor" | "pipeline" | "single"
-    label: str
-    hosts: List[str]
-    weights: List[float] = field(default_factory=list)  # bytes each host holds
-    kv: List[float] = field(default_factory=list)  # KV cache bytes at the context
-    holds: List[str] = field(default_factory=list)  # what each host holds, in words
-    usable: List[float] = field(default_factory=list)
-    memory_s: float = 0.0
-    overhead_s: float = 0.0
-    comm_s: float = 0.0
-    collectives: int = 0
-    note: str = ""  # why it cannot run, if it cannot
+class Timed:
+    """What a step estimate (one stream's or a batch's) derives from its fields."""
 
     @property
     def runs(self) -> bool:
@@ -387,6 +375,22 @@ class Estimate:
     @property
     def seconds(self) -> float:
         return self.memory_s + self.overhead_s + self.comm_s
+
+
+@dataclass
+class Estimate(Timed):
+    strategy: str  # "expert" | "tensor" | "pipeline" | "single"
+    label: str
+    hosts: List[str]
+    weights: List[float] = field(default_factory=list)  # bytes each host holds
+    kv: List[float] = field(default_factory=list)  # KV cache bytes at the context
+    holds: List[str] = field(default_factory=list)  # what each host holds, in words
+    usable: List[float] = field(default_factory=list)
+    memory_s: float = 0.0
+    overhead_s: float = 0.0
+    comm_s: float = 0.0
+    collectives: int = 0
+    note: str = ""  # why it cannot run, if it cannot
 
     @property
     def tok_s(self) -> float:
