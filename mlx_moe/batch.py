@@ -17,8 +17,8 @@ from typing import List, Optional, Sequence, Union
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator, BatchResponse
 
-from . import comm
-from .consistency import ClusterMismatch, digest, exchange
+from .parallel import comm
+from .cluster.consistency import ClusterMismatch, digest, exchange
 from .serve.scheduler import request_sampler
 
 # mlx-lm's BatchGenerator options that batch_generate passes on (plain

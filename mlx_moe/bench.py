@@ -70,8 +70,8 @@ def _load(mode, path, group, placement=None):
 def _routed(model, before):
     """Pairs routed to each expert since `before` (expert_loads), per block,
     and the mean over blocks of the busiest rank's share (max / mean)."""
-    from .expert import ExpertLoad, expert_loads
-    from .placement import spread
+    from .parallel.expert import ExpertLoad, expert_loads
+    from .parallel.placement import spread
 
     loads, ratios = {}, []
     for old, new in zip(before, expert_loads(model)):
@@ -87,8 +87,8 @@ def run_rank(mode: str, path: str, args) -> dict:
     from mlx.utils import tree_flatten
     from mlx_lm.generate import generate_step
 
-    from . import comm
-    from .cores import settle_local_rank
+    from .parallel import comm
+    from .cluster.cores import settle_local_rank
 
     counter = _Counter()
     group = mx.distributed.init()
@@ -117,7 +117,7 @@ def run_rank(mode: str, path: str, args) -> dict:
         comm.settle()
         return first - t0, end - first, counter.calls, counter.max_bytes
 
-    from .expert import expert_loads
+    from .parallel.expert import expert_loads
 
     timed(16, 4)  # warm up
     before = expert_loads(model)
@@ -169,7 +169,7 @@ def _rank_main(argv):
 
 
 def _run_mode(mode, path, args, out, extra=()):
-    from .launch import run_ranks
+    from .cluster.launch import run_ranks
 
     rank_argv = ["-m", "mlx_moe.bench", "--rank", "--mode", mode, "--path", str(path), "--out", out,
                  "--decode-tokens", str(args.decode_tokens), "--prompt-tokens", str(args.prompt_tokens),
@@ -252,7 +252,7 @@ def main(argv=None):
     p.add_argument("--timeout", type=float, default=900, help="seconds one mode may take")
     args = p.parse_args(argv)
 
-    from .synthetic import synthesize
+    from .checkpoints.synthetic import synthesize
 
     home = Path(os.environ.get("MLX_MOE_HOME", Path.home() / ".cache" / "mlx-moe"))
     spec = dict(MODEL, layers=args.layers)
@@ -267,7 +267,7 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         extra = {}
         if BALANCED in modes:
-            from .placement import balanced, write_placement
+            from .parallel.placement import balanced, write_placement
 
             print("measuring expert loads for the balanced placement ...", file=sys.stderr, flush=True)
             calib = _run_mode("mlx-moe expert", path, args, f"{tmp}/calibration", ["--seed", str(args.calibration_seed)])

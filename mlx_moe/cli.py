@@ -12,10 +12,10 @@ import time
 import urllib.request
 from pathlib import Path
 
-from .failures import FirstFailure
-from .hosts import HERE, HostError, resolve
-from .launch import free_port, launch_command, start, stop_group, wait_ready
-from .progress import ENV as PROGRESS_ENV, Board
+from .cluster.failures import FirstFailure
+from .cluster.hosts import HERE, HostError, resolve
+from .cluster.launch import free_port, launch_command, start, stop_group, wait_ready
+from .cluster.progress import ENV as PROGRESS_ENV, Board
 from .serve.homes import ATTENTION
 
 DEMO_DIR = Path(os.environ.get("MLX_MOE_HOME", Path.home() / ".cache" / "mlx-moe")) / "demo-qwen3-moe-4bit"
@@ -238,7 +238,7 @@ def _post(url, body):
 
 
 def cmd_demo(args):
-    from .synthetic import synthesize
+    from .checkpoints.synthetic import synthesize
 
     path = synthesize(DEMO_DIR, "qwen3_moe", layers=4, hidden=128, experts=8, top_k=2, quantize=4)
     print(f"synthetic 4-bit qwen3_moe checkpoint: {path}", file=sys.stderr)
@@ -270,7 +270,7 @@ def cmd_demo(args):
 
 
 def cmd_placement(args):
-    from .placement import balanced, read_loads, report, write_placement
+    from .parallel.placement import balanced, read_loads, report, write_placement
 
     loads = read_loads(args.expert_load)
     placement = balanced(loads, args.ranks)
@@ -281,10 +281,10 @@ def cmd_placement(args):
 
 
 def cmd_plan(args):
-    from .batchmodel import batch_estimates, format_batch, parse_concurrency
-    from .costmodel import Model, format_report, load_profiles, make_hosts, make_report
-    from .headers import read_checkpoint
-    from .plan import PlanError
+    from .planner.batchmodel import batch_estimates, format_batch, parse_concurrency
+    from .planner.costmodel import Model, format_report, load_profiles, make_hosts, make_report
+    from .checkpoints.headers import read_checkpoint
+    from .parallel.plan import PlanError
 
     chips, links = load_profiles()
     try:
@@ -309,7 +309,7 @@ def cmd_plan(args):
 
 
 def cmd_synth(args, rest):
-    from .synthetic import main as synth_main
+    from .checkpoints.synthetic import main as synth_main
 
     return synth_main(rest)
 
@@ -430,7 +430,7 @@ def main(argv=None):
         return bench_main(rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    from .plan import PlanError
+    from .parallel.plan import PlanError
 
     try:
         return args.func(args)

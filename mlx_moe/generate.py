@@ -7,10 +7,10 @@ import sys
 import mlx.core as mx
 from mlx_lm import stream_generate
 
-from . import comm
+from .parallel import comm
 from .loader import load_sharded
-from .failures import exit_failed
-from .placement import resolve
+from .cluster.failures import exit_failed
+from .parallel.placement import resolve
 
 
 def main(argv=None):

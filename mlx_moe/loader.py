@@ -14,16 +14,16 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 from mlx_lm.utils import _get_classes, load_model, load_tokenizer
 
-from . import comm
-from .checkpoint import Checkpoint, per_expert
-from .consistency import check_cluster
-from .cores import settle_local_rank
-from .expert import copy_rows, find_moe_blocks
-from .headers import read_hub
-from .placement import read_placement
-from .pipeline import _layer_list
-from .plan import ShardingPlan, experts_text, get_strategy, module_at, plan as make_plan
-from .progress import Progress, download_bar
+from .parallel import comm
+from .checkpoints.checkpoint import Checkpoint, per_expert
+from .cluster.consistency import check_cluster
+from .cluster.cores import settle_local_rank
+from .parallel.expert import copy_rows, find_moe_blocks
+from .checkpoints.headers import read_hub
+from .parallel.placement import read_placement
+from .parallel.pipeline import _layer_list
+from .parallel.plan import ShardingPlan, experts_text, get_strategy, module_at, plan as make_plan
+from .cluster.progress import Progress, download_bar
 
 # Everything but the weights: enough to build the model and plan it.
 METADATA_PATTERNS = ["*.json", "*.py", "tokenizer.model", "*.tiktoken", "*.txt", "*.jsonl", "*.jinja"]
@@ -186,7 +186,7 @@ def available_bytes() -> Optional[int]:
     "96G"), else Metal's recommended working set, else Linux's MemAvailable."""
     limit = os.environ.get("MLX_MOE_MEMORY_LIMIT")
     if limit:
-        from .costmodel import parse_bytes
+        from .planner.costmodel import parse_bytes
 
         return int(parse_bytes(limit) * 1e9)
     working_set = mx.device_info().get("max_recommended_working_set_size")
@@ -230,7 +230,7 @@ def load_sharded(
     "expert" or "pipeline". expert_weights / layer_weights: one positive
     number per rank, its share of experts / layers (default even).
     placement: which experts each rank holds, per MoE block ({path: [[ids
-    of rank 0], ...]} or a placement file, see mlx_moe.placement); blocks
+    of rank 0], ...]} or a placement file, see mlx_moe.parallel.placement); blocks
     it does not name get contiguous ranges.
     max_collective_bytes: the largest message any collective may send.
 

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from mlx_moe.launch import run_ranks
-from mlx_moe.synthetic import synthesize
+from mlx_moe.cluster.launch import run_ranks
+from mlx_moe.checkpoints.synthetic import synthesize
 
 WORKERS = Path(__file__).parent / "workers"
 

@@ -16,7 +16,7 @@ from mlx_lm.utils import load_tokenizer
 
 from mlx_moe.serve.anthropic import anthropic_router
 from mlx_moe.serve.structured import Grammars
-from mlx_moe.synthetic_chat import synthesize_chat
+from mlx_moe.checkpoints.synthetic_chat import synthesize_chat
 
 WEATHER = {"name": "get_weather", "description": "Weather now",
            "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}

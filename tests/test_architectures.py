@@ -1,7 +1,7 @@
 """Every MoE architecture of mlx-lm that expert parallel serves, held
 against the single-process mlx-lm model: on real ranks (several
 architectures per launch, float32 and one 4-bit case per family), in one
-process through mlx_moe.simulate, and with uneven expert placement."""
+process through mlx_moe.parallel.simulate, and with uneven expert placement."""
 
 import numpy as np
 import pytest
@@ -9,9 +9,10 @@ from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
 import oracle
 from conftest import launch
-from mlx_moe import PlanError, expert, plan
-from mlx_moe.architectures import moe_model_types
-from mlx_moe.simulate import LocalGroup, combined, max_logit_diff
+from mlx_moe import PlanError, plan
+from mlx_moe.parallel import expert
+from mlx_moe.parallel.architectures import moe_model_types
+from mlx_moe.parallel.simulate import LocalGroup, combined, max_logit_diff
 
 SPEC = dict(layers=3, hidden=64, experts=8, top_k=2)
 TOLERANCE = {None: 1e-4, 4: 1e-3}
@@ -42,7 +43,7 @@ FAMILIES = {
 COVERED = [a for family in FAMILIES.values() for a in family]
 # The MoE model types left: muse_spark, which its block handler declines
 # (Metal-only kernels), and prism_hadamard_qwen35, a weight pack of qwen3_5
-# that mlx_moe.synthetic cannot write.
+# that mlx_moe.checkpoints.synthetic cannot write.
 NOT_EXPERT = ["muse_spark", "prism_hadamard_qwen35"]
 CASES = [(a, None) for a in COVERED] + [(f[0], 4) for f in FAMILIES.values()]
 LAUNCHES = 3

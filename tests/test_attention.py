@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from mlx_lm.models import base
 
-from mlx_moe.attention import head_range, split_attention
+from mlx_moe.parallel.attention import head_range, split_attention
 
 
 @pytest.mark.parametrize("heads,kv_heads,size,want", [

@@ -22,7 +22,7 @@ from mlx_lm.utils import load_tokenizer
 
 import oracle
 from conftest import launch
-from mlx_moe.launch import stop_group, wait_ready
+from mlx_moe.cluster.launch import stop_group, wait_ready
 from test_metrics import samples, value
 from test_reliability import _finish, _finished, _rank_pid, _serve, _streaming
 import test_serve

@@ -6,7 +6,7 @@ import pytest
 
 import oracle
 from conftest import launch
-from mlx_moe.comm import DEFAULT_MAX_COLLECTIVE_BYTES
+from mlx_moe.parallel.comm import DEFAULT_MAX_COLLECTIVE_BYTES
 
 BOUND = 64 * 1024
 

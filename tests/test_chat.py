@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from mlx_moe.serve.chat import ChatFields, ChatOutput, build_prompt
 from mlx_moe.serve.structured import Grammars, RequestError
-from mlx_moe.synthetic_chat import synthesize_chat
+from mlx_moe.checkpoints.synthetic_chat import synthesize_chat
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Weather now",

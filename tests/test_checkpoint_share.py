@@ -18,11 +18,11 @@ from mlx_lm.utils import load_model
 import oracle
 from conftest import launch
 from mlx_moe import loader
-from mlx_moe.checkpoint import Checkpoint, read_header
-from mlx_moe.plan import plan as make_plan
-from mlx_moe.simulate import LocalGroup
-from mlx_moe.synthetic import main as synth_main
-from mlx_moe.synthetic import synthesize
+from mlx_moe.checkpoints.checkpoint import Checkpoint, read_header
+from mlx_moe.parallel.plan import plan as make_plan
+from mlx_moe.parallel.simulate import LocalGroup
+from mlx_moe.checkpoints.synthetic import main as synth_main
+from mlx_moe.checkpoints.synthetic import synthesize
 from workers.fake_hub import FakeHub
 
 IO = Path("/proc/self/io")

@@ -16,7 +16,7 @@ import openai
 import pytest
 from mlx_lm.utils import load_tokenizer
 
-from mlx_moe.synthetic_chat import synthesize_chat
+from mlx_moe.checkpoints.synthetic_chat import synthesize_chat
 from test_serve import serving
 from test_status import chromium
 

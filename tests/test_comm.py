@@ -3,7 +3,7 @@
 import mlx.core as mx
 import pytest
 
-from mlx_moe import comm
+from mlx_moe.parallel import comm
 
 
 @pytest.fixture

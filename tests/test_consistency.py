@@ -3,7 +3,7 @@ from rank 0's is reported with the host, the field and both values."""
 
 import pytest
 
-from mlx_moe.consistency import FIXES, mismatches
+from mlx_moe.cluster.consistency import FIXES, mismatches
 
 
 def _statement(**changes):

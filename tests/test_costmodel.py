@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 from mlx_lm.utils import load_model
 
-from mlx_moe import batchmodel
-from mlx_moe.batchmodel import DP_SLOTS, batch_estimates, distinct_experts, expected_max_of
-from mlx_moe.comm import max_message_bytes
-from mlx_moe.costmodel import Model, expected_max, load_profiles, make_hosts, make_report
-from mlx_moe.headers import header_only_checkpoint, read_local
+from mlx_moe.planner import batchmodel
+from mlx_moe.planner.batchmodel import DP_SLOTS, batch_estimates, distinct_experts, expected_max_of
+from mlx_moe.parallel.comm import max_message_bytes
+from mlx_moe.planner.costmodel import Model, expected_max, load_profiles, make_hosts, make_report
+from mlx_moe.checkpoints.headers import header_only_checkpoint, read_local
 from mlx_moe.loader import param_bytes
-from mlx_moe.simulate import shard_in_process
+from mlx_moe.parallel.simulate import shard_in_process
 
 CONFIGS = Path(__file__).parent / "fixtures" / "configs"
 CHIPS, LINKS = load_profiles()
@@ -317,7 +317,7 @@ def test_collectives_split_at_the_message_bound():
 
 
 def test_batch_model_constants_follow_the_code_and_profiles():
-    source = (Path(batchmodel.__file__).parent / "expert.py").read_text()
+    source = (Path(batchmodel.__file__).parents[1] / "parallel" / "expert.py").read_text()
     assert re.search(r"GATHER_MIN_TOKENS = 1 if mx.default_device\(\) == mx.cpu else (\d+)", source).group(1) \
         == str(batchmodel.GPU_GATHER_MIN_TOKENS)
     assert {c.name for c in CHIPS.values() if c.gpu} <= set(batchmodel.MATMUL_TFLOPS)

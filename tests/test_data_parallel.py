@@ -10,7 +10,7 @@ import pytest
 import oracle
 from conftest import launch
 from mlx_lm.models.cache import make_prompt_cache
-from mlx_moe import comm
+from mlx_moe.parallel import comm
 
 STEPS = 4  # greedy decode steps after each prompt
 

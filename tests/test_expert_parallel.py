@@ -8,7 +8,7 @@ import pytest
 
 import oracle
 from conftest import launch
-from mlx_moe.checkpoint import Checkpoint
+from mlx_moe.checkpoints.checkpoint import Checkpoint
 
 LONG = 70  # >= 32 tokens: the gathered (prefill) path
 MAX_TOKENS = 24
@@ -70,7 +70,7 @@ def test_expert_parallel_matches_single_process(models, ranks, tmp_path):
 
 def test_placed_experts_match_single_process(models, tmp_path):
     """A placement file moves experts between ranks; output is unchanged."""
-    from mlx_moe.placement import write_placement
+    from mlx_moe.parallel.placement import write_placement
 
     rng = np.random.RandomState(1)
     inputs = [[int(rng.randint(512))], rng.randint(0, 512, LONG).tolist()]

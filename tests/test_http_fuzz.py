@@ -15,7 +15,7 @@ from mlx_lm.utils import load_tokenizer
 
 from mlx_moe.serve.app import create_app
 from mlx_moe.serve.structured import Grammars
-from mlx_moe.synthetic_chat import synthesize_chat
+from mlx_moe.checkpoints.synthetic_chat import synthesize_chat
 
 MODEL = "tiny"
 
@@ -129,7 +129,7 @@ def test_no_5xx_from_a_real_two_rank_server(checkpoint):
     import urllib.error
     import urllib.request
 
-    from mlx_moe.launch import free_port, stop_group, wait_ready
+    from mlx_moe.cluster.launch import free_port, stop_group, wait_ready
     from test_serve import _start
 
     path = checkpoint("qwen3_moe", quantize=4)

@@ -11,14 +11,14 @@ from pathlib import Path
 import pytest
 
 from mlx_moe.cli import main
-from mlx_moe import hosts
-from mlx_moe.hosts import common_network, resolve
-from mlx_moe.launch import launch_command, start, stop_group
+from mlx_moe.cluster import hosts
+from mlx_moe.cluster.hosts import common_network, resolve
+from mlx_moe.cluster.launch import launch_command, start, stop_group
 
 RANK = """
 import json, os, sys, time
 import mlx.core as mx
-from mlx_moe.cores import settle_local_rank
+from mlx_moe.cluster.cores import settle_local_rank
 group = mx.distributed.init()
 cores = settle_local_rank(group.rank())
 out, stop = sys.argv[1], sys.argv[2]

@@ -21,8 +21,8 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from mlx_moe.launch import stop_group, wait_ready
-from mlx_moe.progress import PREFIX, Board
+from mlx_moe.cluster.launch import stop_group, wait_ready
+from mlx_moe.cluster.progress import PREFIX, Board
 from mlx_moe.serve.loading import Loading, Switch, loading_app
 from test_reliability import WORKERS, _finish, _serve
 from workers.http_hub import HttpHub

@@ -12,8 +12,8 @@ from mlx_lm.utils import load_tokenizer
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from mlx_moe.expert import ExpertLoad
-from mlx_moe.launch import free_port, stop_group, wait_ready
+from mlx_moe.parallel.expert import ExpertLoad
+from mlx_moe.cluster.launch import free_port, stop_group, wait_ready
 from mlx_moe.serve.app import create_app
 from mlx_moe.serve.metrics import Metrics
 from test_http_fuzz import InstantEngine

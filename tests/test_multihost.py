@@ -16,7 +16,7 @@ import openai
 import pytest
 
 import oracle
-from mlx_moe.launch import free_port, stop_group, wait_ready
+from mlx_moe.cluster.launch import free_port, stop_group, wait_ready
 from test_reliability import _finish, _finished, _popen, _rank_pid, _streaming
 from test_serve import _chat, _processes_with
 

@@ -7,12 +7,13 @@ import mlx.core as mx
 import mlx.nn as nn
 import pytest
 
-from mlx_moe import PlanError, expert, plan
-from mlx_moe.expert import expert_loads
-from mlx_moe.plan import module_at
-from mlx_moe.placement import (balance, balanced, contiguous, imbalance, read_loads,
+from mlx_moe import PlanError, plan
+from mlx_moe.parallel import expert
+from mlx_moe.parallel.expert import expert_loads
+from mlx_moe.parallel.plan import module_at
+from mlx_moe.parallel.placement import (balance, balanced, contiguous, imbalance, read_loads,
                                read_placement, write_placement)
-from mlx_moe.simulate import LocalGroup, combined, max_logit_diff, shard_in_process
+from mlx_moe.parallel.simulate import LocalGroup, combined, max_logit_diff, shard_in_process
 from test_plan import QWEN2_MOE, QWEN3_MOE, build
 
 
@@ -155,7 +156,7 @@ def test_serve_with_a_balanced_placement_answers_like_one_process(checkpoint, tm
     import openai
 
     import oracle
-    from mlx_moe.launch import free_port, stop_group, wait_ready
+    from mlx_moe.cluster.launch import free_port, stop_group, wait_ready
     from test_serve import _chat, _start
 
     path = checkpoint("qwen3_moe", quantize=4)

@@ -4,10 +4,11 @@ import mlx.core as mx
 import pytest
 from mlx_lm.utils import _get_classes
 
-from mlx_moe import PlanError, expert, plan
-from mlx_moe.expert import Absent, ExpertParallelBlock, LocalExperts, find_moe_blocks
-from mlx_moe.plan import module_at, split_evenly
-from mlx_moe.simulate import LocalGroup, shard_in_process
+from mlx_moe import PlanError, plan
+from mlx_moe.parallel import expert
+from mlx_moe.parallel.expert import Absent, ExpertParallelBlock, LocalExperts, find_moe_blocks
+from mlx_moe.parallel.plan import module_at, split_evenly
+from mlx_moe.parallel.simulate import LocalGroup, shard_in_process
 
 
 def build(config):

@@ -18,8 +18,8 @@ import openai
 import pytest
 from mlx_lm.utils import load_tokenizer
 
-from mlx_moe.launch import free_port, stop_group, wait_ready
-from mlx_moe.placement import write_placement
+from mlx_moe.cluster.launch import free_port, stop_group, wait_ready
+from mlx_moe.parallel.placement import write_placement
 from test_serve import _processes_with, _start
 
 WORKERS = Path(__file__).parent / "workers"

@@ -18,7 +18,7 @@ import pytest
 from mlx_lm.sample_utils import make_logits_processors
 
 import oracle
-from mlx_moe.launch import free_port, stop_group, wait_ready
+from mlx_moe.cluster.launch import free_port, stop_group, wait_ready
 
 MAX_TOKENS = 24
 CONTEXT = 512

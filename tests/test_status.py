@@ -20,9 +20,9 @@ import uvicorn
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from mlx_moe.expert import ExpertLoad
-from mlx_moe.placement import spread
-from mlx_moe.plan import LayerPlan, ShardingPlan
+from mlx_moe.parallel.expert import ExpertLoad
+from mlx_moe.parallel.placement import spread
+from mlx_moe.parallel.plan import LayerPlan, ShardingPlan
 from mlx_moe.serve.status import status_router
 from test_serve import serving
 

@@ -13,7 +13,7 @@ from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
 from mlx_moe.serve.chat import ChatFields, ChatOutput, build_prompt
 from mlx_moe.serve.structured import Grammars, RequestError, build_grammar
-from mlx_moe.synthetic_chat import synthesize_chat
+from mlx_moe.checkpoints.synthetic_chat import synthesize_chat
 
 PERSON = {"type": "object", "additionalProperties": False, "required": ["name", "age", "member"],
           "properties": {"name": {"type": "string", "maxLength": 8},

@@ -6,7 +6,7 @@ import pytest
 from mlx_lm import generate, load, stream_generate
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear
 
-from mlx_moe.synthetic import main, synthesize
+from mlx_moe.checkpoints.synthetic import main, synthesize
 
 PROMPT = [{"role": "user", "content": "Tell me a story about a dragon."}]
 FILES = [

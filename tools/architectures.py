@@ -2,10 +2,10 @@
 parallel and write the table in docs/ARCHITECTURES.md.
 
 For each model type whose model has switch-linear experts
-(`mlx_moe.architectures.moe_model_types`): synthesize a tiny checkpoint
-(`mlx_moe.synthetic`), load it with mlx-lm, plan it for simulated ranks and,
+(`mlx_moe.parallel.architectures.moe_model_types`): synthesize a tiny checkpoint
+(`mlx_moe.checkpoints.synthetic`), load it with mlx-lm, plan it for simulated ranks and,
 when expert parallel takes it, compare the logits of the ranks' combined
-shards (`mlx_moe.simulate`) with the single-process model's, in float32 and
+shards (`mlx_moe.parallel.simulate`) with the single-process model's, in float32 and
 4-bit. Nothing in the table is typed by hand.
 
     python tools/architectures.py [--ranks 2] [--out docs/ARCHITECTURES.md] [model_type ...]
@@ -26,10 +26,10 @@ from mlx_lm import load
 from mlx_lm.utils import MODEL_REMAPPING
 
 from mlx_moe import PlanError, plan
-from mlx_moe.architectures import moe_model_types
-from mlx_moe.expert import block_handlers
-from mlx_moe.simulate import LocalGroup, combined, max_logit_diff
-from mlx_moe.synthetic import ARCHS, synthesize
+from mlx_moe.parallel.architectures import moe_model_types
+from mlx_moe.parallel.expert import block_handlers
+from mlx_moe.parallel.simulate import LocalGroup, combined, max_logit_diff
+from mlx_moe.checkpoints.synthetic import ARCHS, synthesize
 
 TOLERANCE = {None: 1e-4, 4: 1e-3}
 # Small enough to run all of them in a minute; a decode-sized and a
@@ -56,14 +56,14 @@ def _features(p, config):
 
 NOT_CHECKED_WHY = {
     "prism_hadamard_qwen35": "a 2-bit Hadamard-rotated weight pack of qwen3_5 (whose MoE "
-    "blocks it keeps); mlx_moe.synthetic cannot write such a pack",
+    "blocks it keeps); mlx_moe.checkpoints.synthetic cannot write such a pack",
 }
 
 
 def check(model_type, ranks, home):
     """One table row: (status, handler, what was checked, float32 diff, 4-bit diff)."""
     if model_type not in ARCHS:
-        why = NOT_CHECKED_WHY.get(model_type, "mlx_moe.synthetic has no config for it")
+        why = NOT_CHECKED_WHY.get(model_type, "mlx_moe.checkpoints.synthetic has no config for it")
         return ("not checked", "", why, "", "")
     diffs = {}
     for bits in (None, 4):
@@ -95,10 +95,10 @@ def render(rows, ranks, command):
         "",
         "Every model type whose mlx-lm model has switch-linear experts (SwitchGLU /",
         "SwitchLinear / SwitchMLP, directly or through the model it builds on). Each was",
-        "synthesized small (`mlx_moe.synthetic`: "
+        "synthesized small (`mlx_moe.checkpoints.synthetic`: "
         + ", ".join(f"{k} {v}" for k, v in SPEC.items())
         + "), loaded with mlx-lm and sharded",
-        f"for {ranks} simulated ranks (`mlx_moe.simulate`); max Δ is the largest logit difference",
+        f"for {ranks} simulated ranks (`mlx_moe.parallel.simulate`); max Δ is the largest logit difference",
         "from the single-process model over every position of a 1-token and a 40-token",
         f"input (exact: <= {TOLERANCE[None]:g} in float32, <= {TOLERANCE[4]:g} in 4-bit).",
         "Real multi-rank runs of the same checkpoints are in tests/test_architectures.py.",
@@ -120,8 +120,8 @@ def render(rows, ranks, command):
         lines.append("| " + " | ".join(cells) + " |")
     counts = Counter(status for _, _, (status, *_) in rows)
     lines += ["", "Totals: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) + "."]
-    lines += ["", "Block handlers, tried in this order (`mlx_moe/architectures.py`; *generic*",
-              "is `mlx_moe/expert.py`):", ""]
+    lines += ["", "Block handlers, tried in this order (`mlx_moe/parallel/architectures.py`; *generic*",
+              "is `mlx_moe/parallel/expert.py`):", ""]
     for h in block_handlers():
         doc = " ".join((type(h).__doc__ or "").split())
         lines.append(f"- *{h.name}*: {doc}")

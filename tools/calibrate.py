@@ -15,7 +15,7 @@ parallel modes run:
   - on the two ranks, one small all_sum over the loopback ring.
 Writes them as the `cpu-here` (one process) and `cpu-here-shared` (one of
 two ranks sharing this machine) chips and the `loopback-ring` link in
-mlx_moe/profiles.json, then predicts the decode rows of the benchmark
+mlx_moe/planner/profiles.json, then predicts the decode rows of the benchmark
 (docs/bench.json) for the benchmark's own model and prints predicted vs
 measured.
 """
@@ -117,7 +117,7 @@ def measure(barrier=None) -> dict:
 def rank_main():
     import mlx.core as mx
 
-    from mlx_moe.cores import settle_local_rank
+    from mlx_moe.cluster.cores import settle_local_rank
 
     group = mx.distributed.init()
     settle_local_rank(group.rank())
@@ -189,7 +189,7 @@ def _last_json(text):
 
 def calibrate(timeout=600):
     """(one-process costs, per-rank costs of two ranks sharing the machine)."""
-    from mlx_moe.launch import run_ranks
+    from mlx_moe.cluster.launch import run_ranks
 
     proc = subprocess.run([sys.executable, __file__, "--measure"], capture_output=True, text=True,
                           timeout=timeout)
@@ -231,9 +231,9 @@ def write_profiles(single, shared, path):
 def predict(bench: dict, profiles_path) -> list:
     """Predicted vs measured decode tok/s of each benchmark row."""
     from mlx_moe.bench import MODEL
-    from mlx_moe.costmodel import Model, load_profiles, make_hosts, make_report
-    from mlx_moe.headers import read_local
-    from mlx_moe.synthetic import synthesize
+    from mlx_moe.planner.costmodel import Model, load_profiles, make_hosts, make_report
+    from mlx_moe.checkpoints.headers import read_local
+    from mlx_moe.checkpoints.synthetic import synthesize
 
     spec = dict(MODEL, layers=bench["model"]["layers"])
     home = Path(os.environ.get("MLX_MOE_HOME", Path.home() / ".cache" / "mlx-moe"))

@@ -20,9 +20,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mlx_moe.batchmodel import batch_estimates  # noqa: E402
-from mlx_moe.costmodel import PROFILES_FILE, Model, load_profiles, make_hosts, make_report  # noqa: E402
-from mlx_moe.headers import header_only_checkpoint, read_local  # noqa: E402
+from mlx_moe.planner.batchmodel import batch_estimates  # noqa: E402
+from mlx_moe.planner.costmodel import PROFILES_FILE, Model, load_profiles, make_hosts, make_report  # noqa: E402
+from mlx_moe.checkpoints.headers import header_only_checkpoint, read_local  # noqa: E402
 
 MODELS = [("Qwen3-235B-A22B", "qwen3-235b-a22b"), ("DeepSeek-V3", "deepseek-v3")]
 # exo tensor parallel over RDMA on M3 Ultras, decode tok/s on 1 / 2 / 4 nodes (shared/FIELD_NOTES.md).
@@ -118,7 +118,7 @@ def batch_here(requests=(1, 2, 4, 8, 16), prompt=96) -> None:
     from mlx_lm.utils import load_model
 
     from mlx_moe.bench import MODEL
-    from mlx_moe.synthetic import synthesize
+    from mlx_moe.checkpoints.synthetic import synthesize
 
     with tempfile.TemporaryDirectory() as tmp:
         path = synthesize(Path(tmp) / "bench-model", "qwen3_moe", **MODEL)
@@ -149,7 +149,7 @@ def batch_here(requests=(1, 2, 4, 8, 16), prompt=96) -> None:
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--fit", action="store_true", help=f"fit the Apple chips' op_us to {FIT}")
-    p.add_argument("--write", action="store_true", help="with --fit: write it into mlx_moe/profiles.json")
+    p.add_argument("--write", action="store_true", help="with --fit: write it into mlx_moe/planner/profiles.json")
     p.add_argument("--links", default="tb5-rdma,tb-ip")
     p.add_argument("--batch", action="store_true", help="the concurrent-request tables (docs/PLAN.md, Batches)")
     p.add_argument("--decode-at", default="0,8192",

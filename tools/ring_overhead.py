@@ -17,7 +17,7 @@ import time
 def rank_main(pin: bool):
     import mlx.core as mx
 
-    from mlx_moe.cores import pin_local_rank, release_stdin, restore_priority
+    from mlx_moe.cluster.cores import pin_local_rank, release_stdin, restore_priority
 
     group = mx.distributed.init()
     restore_priority()
@@ -51,7 +51,7 @@ def rank_main(pin: bool):
 
 
 def main():
-    from mlx_moe.launch import run_ranks
+    from mlx_moe.cluster.launch import run_ranks
 
     print(f"{'pinned':>6} {'inner':>5} {'compute ms':>10} {'+all_sums ms':>12} {'ms/collective':>13}")
     for pin in (False, True):

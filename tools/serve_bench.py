@@ -23,8 +23,8 @@ from pathlib import Path
 import openai
 
 from mlx_moe.bench import MODEL
-from mlx_moe.launch import free_port, launch_command, stop_group, wait_ready
-from mlx_moe.synthetic import synthesize
+from mlx_moe.cluster.launch import free_port, launch_command, stop_group, wait_ready
+from mlx_moe.checkpoints.synthetic import synthesize
 
 from load_test import percentile  # tools/ is on the path when run as a script
 

@@ -25,14 +25,14 @@ from serve_bench import prompt_for  # tools/ is on the path when run as a script
 from load_test import percentile
 
 from mlx_moe.bench import MODEL
-from mlx_moe.launch import run_ranks
-from mlx_moe.synthetic import synthesize
+from mlx_moe.cluster.launch import run_ranks
+from mlx_moe.checkpoints.synthetic import synthesize
 
 
 def rank_main(spec: dict) -> None:
     import mlx.core as mx
 
-    from mlx_moe import comm
+    from mlx_moe.parallel import comm
     from mlx_moe.loader import load_sharded
     from mlx_moe.serve import engine as engine_mod
     from mlx_moe.serve.engine import Engine, Job

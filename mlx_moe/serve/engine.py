@@ -30,9 +30,9 @@ import mlx.core as mx
 from mlx_lm.generate import BatchGenerator, StopSequences, generation_stream
 from mlx_lm.sample_utils import make_logits_processors
 
-from .. import comm, data_parallel
-from ..expert import expert_loads
-from ..failures import lost_peer, rank_failed
+from ..parallel import comm, data_parallel
+from ..parallel.expert import expert_loads
+from ..cluster.failures import lost_peer, rank_failed
 from ..loader import log
 from .homes import FINISH, Members, Placement, SlotModel
 from .prefix_cache import PrefixCache

@@ -1,6 +1,6 @@
 """Serving with data-parallel attention: each request lives on one home
 rank, whose BatchGenerator alone holds its KV cache; the MoE layers see
-every rank's tokens (mlx_moe.data_parallel).
+every rank's tokens (mlx_moe.parallel.data_parallel).
 
 The ranks' generators now hold different sequences, so they make different
 forward calls in a step (a decode, the first token of prompts just read, a
@@ -24,8 +24,8 @@ from typing import Dict, List, Optional
 import mlx.core as mx
 import numpy as np
 
-from .. import comm
-from ..data_parallel import current, home_tokens, idle_step
+from ..parallel import comm
+from ..parallel.data_parallel import current, home_tokens, idle_step
 
 FINISH = (None, "stop", "length")  # finish_reason <-> its code in a slot message
 ATTENTION = ("auto", "replicated", "data-parallel")

@@ -16,11 +16,11 @@ import time
 
 import mlx.core as mx
 
-from ..failures import exit_failed
-from ..consistency import exchange
-from ..cores import restore_priority
+from ..cluster.failures import exit_failed
+from ..cluster.consistency import exchange
+from ..cluster.cores import restore_priority
 from ..loader import available_bytes, load_sharded, log, param_bytes
-from ..placement import resolve
+from ..parallel.placement import resolve
 from .engine import Engine
 from .homes import ATTENTION, attention_mode
 

@@ -22,7 +22,7 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
 
-from .. import comm
+from ..parallel import comm
 
 # A plan with a few removals, or one short request, fits in the first exchange.
 HEADER_BYTES = 1024

@@ -17,7 +17,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.models.cache import BatchKVCache, make_prompt_cache
 
 import mlx_moe
-from mlx_moe import comm, data_parallel
+from mlx_moe.parallel import comm, data_parallel
 
 spec = json.loads(sys.argv[1])
 group = mx.distributed.init()

@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
-from mlx_moe.checkpoint import read_header, weight_files
+from mlx_moe.checkpoints.checkpoint import read_header, weight_files
 
 
 class FakeHub:

@@ -13,7 +13,7 @@ from mlx_lm import generate
 from mlx_lm.models.cache import make_prompt_cache
 
 import mlx_moe
-from mlx_moe import comm
+from mlx_moe.parallel import comm
 
 spec = json.loads(sys.argv[1])
 group = mx.distributed.init()

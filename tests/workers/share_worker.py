@@ -16,7 +16,7 @@ from mlx_lm.utils import load_model, load_tokenizer
 
 import mlx_moe
 from fake_hub import FakeHub
-from mlx_moe import comm
+from mlx_moe.parallel import comm
 
 IO = Path("/proc/self/io")
 

@@ -6,7 +6,7 @@ import os
 
 _trigger = os.environ.get("FAULT_TRIGGER")
 if _trigger:
-    from mlx_moe.expert import LocalExperts
+    from mlx_moe.parallel.expert import LocalExperts
 
     _compute = LocalExperts.__call__
 

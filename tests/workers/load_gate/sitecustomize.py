@@ -8,7 +8,7 @@ import time
 
 _gate = os.environ.get("LOAD_GATE")
 if _gate and "MLX_RANK" in os.environ:
-    from mlx_moe.checkpoint import Checkpoint
+    from mlx_moe.checkpoints.checkpoint import Checkpoint
 
     _read_rows = Checkpoint.read_rows
 

@@ -18,9 +18,9 @@ from typing import Dict, List
 import mlx.core as mx
 import numpy as np
 
-from . import comm
-from .checkpoint import read_header, weight_files
-from .plan import ShardingPlan
+from ..parallel import comm
+from ..checkpoints.checkpoint import read_header, weight_files
+from ..parallel.plan import ShardingPlan
 
 
 class ClusterMismatch(ValueError):

@@ -23,17 +23,17 @@ from typing import Callable, List, Sequence, Tuple
 
 import numpy as np
 
-from .comm import max_message_bytes
+from ..parallel.comm import max_message_bytes
 from .costmodel import EP_GATHER_OPS, EP_MASK_OPS, GB, Chip, Host, Link, Model, Report, Timed
-from .plan import plan
-from .simulate import LocalGroup
+from ..parallel.plan import plan
+from ..parallel.simulate import LocalGroup
 
 # expert.GATHER_MIN_TOKENS on a GPU (that module reads the device it runs
 # on): below this many tokens a rank runs the masked path, from here on it
 # gathers its local pairs, with one host sync per MoE layer.
 GPU_GATHER_MIN_TOKENS = 32
 # Kernel ops data-parallel attention adds per MoE layer over the replicated
-# layer (mlx_moe/data_parallel.py Home, views excluded): the pad before the
+# layer (mlx_moe/parallel/data_parallel.py Home, views excluded): the pad before the
 # all_gather, the all_gather, the packed-row index of an uneven batch.
 DP_OPS = 3
 # Slot messages per data-parallel step (serve/homes.py SlotModel): one

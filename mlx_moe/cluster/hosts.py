@@ -39,9 +39,9 @@ import importlib.util, os, sys
 spec = importlib.util.find_spec("mlx_moe")
 if spec is None:
     sys.exit("No module named 'mlx_moe'")
-path = os.path.join(spec.submodule_search_locations[0], "hosts.py")
+path = os.path.join(spec.submodule_search_locations[0], "cluster", "hosts.py")
 if not os.path.exists(path):
-    sys.exit("No module named 'mlx_moe.hosts'")
+    sys.exit("No module named 'mlx_moe.cluster.hosts'")
 hosts = importlib.util.module_from_spec(importlib.util.spec_from_file_location("mlx_moe_hosts", path))
 hosts.__spec__.loader.exec_module(hosts)
 hosts.probe(sys.argv[1])
@@ -253,7 +253,7 @@ def _probe(name: str, python: str, model: str):
     if "No module named 'mlx_moe'" in err or "No module named 'mlx'" in err:
         return (f"host {name}: {python} cannot import mlx-moe: install it there as here "
                 f"(e.g. {python} -m pip install -e . in a checkout at the same path)")
-    if "No module named 'mlx_moe.hosts'" in err:
+    if "No module named 'mlx_moe.cluster.hosts'" in err:
         return f"host {name}: its mlx-moe is older than this one: update it there"
     return f"host {name}: checking it over ssh failed ({last})"
 

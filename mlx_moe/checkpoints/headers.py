@@ -101,7 +101,7 @@ def read_hub(repo_id: str, revision: Optional[str] = None) -> CheckpointInfo:
 
 def read_checkpoint(model: str, revision: Optional[str] = None) -> CheckpointInfo:
     """A local directory if `model` names one, else a hub repo id."""
-    from .loader import local_checkpoint
+    from ..loader import local_checkpoint
 
     path = local_checkpoint(model)
     return read_local(path) if path else read_hub(model, revision)

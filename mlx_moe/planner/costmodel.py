@@ -4,7 +4,7 @@ safetensors headers alone (docs/PLAN.md has the model and its sources).
 
 The strategy comes from the loader's own code: the mlx-lm model is built
 lazily from the config (its arrays are never evaluated, so it costs no
-memory) and handed to `mlx_moe.plan.plan` with a stand-in group. Bytes
+memory) and handed to `mlx_moe.parallel.plan.plan` with a stand-in group. Bytes
 come from the headers; ops per token from tracing one lazy decode step.
 
 Decode time per token, per strategy:
@@ -26,16 +26,16 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .expert import find_moe_blocks
-from .headers import DTYPE_BYTES, CheckpointInfo
-from .plan import PlanError, layers_path, plan
-from .simulate import LocalGroup
+from ..parallel.expert import find_moe_blocks
+from ..checkpoints.headers import DTYPE_BYTES, CheckpointInfo
+from ..parallel.plan import PlanError, layers_path, plan
+from ..parallel.simulate import LocalGroup
 
 PROFILES_FILE = Path(__file__).with_name("profiles.json")
 GB = 1e9
 
 # Kernel ops the expert-parallel layer adds per MoE layer over the plain
-# block (mlx_moe/expert.py LocalExperts, counted from its code, views
+# block (mlx_moe/parallel/expert.py LocalExperts, counted from its code, views
 # excluded): the gathered path (CPU) sorts, counts, gathers and scatters
 # back the local pairs and syncs once with the host; the masked path (GPU
 # decode) compares, picks a used local expert for foreign pairs and

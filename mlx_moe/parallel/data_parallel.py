@@ -144,7 +144,7 @@ def home_tokens(model, counts: Sequence[int]):
     Every rank enters it with the same counts."""
     dp = getattr(model, "data_parallel", None)
     if dp is None:
-        raise ValueError("call mlx_moe.data_parallel.enable(model) first (on every rank)")
+        raise ValueError("call mlx_moe.parallel.data_parallel.enable(model) first (on every rank)")
     token = _HOME.set(Home(dp, counts))
     try:
         yield
