@@ -1,9 +1,7 @@
 """load_sharded: resolve the checkpoint -> lazy model -> plan -> apply ->
 read this rank's weights."""
 
-import json
 import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -14,16 +12,17 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 from mlx_lm.utils import _get_classes, load_model, load_tokenizer
 
-from .parallel import comm
-from .checkpoints.checkpoint import Checkpoint, per_expert
+from .checkpoints.checkpoint import LAYER, WEIGHTS, Checkpoint, local_checkpoint, per_expert, weight_map
+from .checkpoints.headers import read_hub
 from .cluster.consistency import check_cluster
 from .cluster.cores import settle_local_rank
-from .parallel.expert import copy_rows, find_moe_blocks
-from .checkpoints.headers import read_hub
-from .parallel.placement import read_placement
-from .parallel.pipeline import _layer_list
-from .parallel.plan import ShardingPlan, experts_text, get_strategy, module_at, plan as make_plan
+from .cluster.memory import available_bytes
 from .cluster.progress import Progress, download_bar
+from .parallel import comm
+from .parallel.expert import copy_rows, find_moe_blocks
+from .parallel.pipeline import _layer_list
+from .parallel.placement import read_placement
+from .parallel.plan import ShardingPlan, experts_text, get_strategy, module_at, plan as make_plan
 
 # Everything but the weights: enough to build the model and plan it.
 METADATA_PATTERNS = ["*.json", "*.py", "tokenizer.model", "*.tiktoken", "*.txt", "*.jsonl", "*.jinja"]
@@ -53,20 +52,6 @@ def _download(model_id: str, revision, allow_patterns, progress=None) -> Path:
         ) from e
 
 
-def local_checkpoint(model_id: str) -> Optional[Path]:
-    """The directory `model_id` names, None if it is a hub repo id."""
-    path = Path(model_id).expanduser()
-    if path.exists():
-        if not (path / "config.json").exists():
-            raise FileNotFoundError(f"{path} has no config.json: not an mlx-lm checkpoint")
-        return path
-    if model_id.startswith((".", "/", "~")) or model_id.count("/") != 1:
-        raise FileNotFoundError(
-            f"No checkpoint directory at {model_id!r}, and it is not a Hugging Face repo id (owner/name)."
-        )
-    return None
-
-
 def files_for(path: Path, plan: ShardingPlan, model: nn.Module, known: Optional[dict] = None):
     """The weight files this rank needs. A pipeline stage needs the files
     holding its layers and the layer-less weights (embeddings, norm, head).
@@ -74,12 +59,12 @@ def files_for(path: Path, plan: ShardingPlan, model: nn.Module, known: Optional[
     experts, which a checkpoint with one tensor per expert may have (found
     through the model's sanitize; `known`: the tensors' dtypes and shapes,
     for files not here yet)."""
-    weight_map = _weight_map(path)
-    if not weight_map:
-        return ["model*.safetensors"]  # one file: nothing to choose
+    files = weight_map(path)
+    if not files:
+        return [WEIGHTS]  # one file: nothing to choose
     if plan.strategy != "pipeline":
         others = set()
-        if any(map(per_expert, weight_map)):
+        if any(map(per_expert, files)):
             ckpt = Checkpoint(path, known)
             _trace(ckpt, model, plan)
             for layer in plan.moe_layers:
@@ -87,20 +72,14 @@ def files_for(path: Path, plan: ShardingPlan, model: nn.Module, known: Optional[
                 for key, sources in ckpt.stacks.items():
                     if key.startswith(layer.path + "."):
                         others.update(s for e, s in enumerate(sources) if e not in mine)
-        return sorted({file for key, file in weight_map.items() if key not in others})
+        return sorted({file for key, file in files.items() if key not in others})
     lo, hi = plan.layers[0].ranges[plan.rank]
     needed = set()
-    for key, file in weight_map.items():
-        m = re.search(r"(?:^|\.)layers\.(\d+)\.", key)
+    for key, file in files.items():
+        m = LAYER.search(key)
         if m is None or lo <= int(m.group(1)) < hi:
             needed.add(file)
     return sorted(needed)
-
-
-def _weight_map(path: Path) -> dict:
-    """The index's {tensor: file}; empty without an index."""
-    index = path / "model.safetensors.index.json"
-    return json.loads(index.read_text())["weight_map"] if index.exists() else {}
 
 
 def _trace(ckpt: Checkpoint, model: nn.Module, plan: ShardingPlan) -> None:
@@ -181,26 +160,6 @@ def _evaluate(model: nn.Module, report, pieces: int = 50) -> None:
             report(done)
 
 
-def available_bytes() -> Optional[int]:
-    """Memory this host can give the weights: $MLX_MOE_MEMORY_LIMIT (e.g.
-    "96G"), else Metal's recommended working set, else Linux's MemAvailable."""
-    limit = os.environ.get("MLX_MOE_MEMORY_LIMIT")
-    if limit:
-        from .planner.costmodel import parse_bytes
-
-        return int(parse_bytes(limit) * 1e9)
-    working_set = mx.device_info().get("max_recommended_working_set_size")
-    if working_set:
-        return int(working_set)
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 def check_fits(need: int, rank: int, size: int) -> None:
     """Fail before reading anything when this rank's shard cannot fit."""
     have = available_bytes()
@@ -266,11 +225,11 @@ def load_sharded(
         path = _download(model_id, revision, METADATA_PATTERNS)
         skeleton, _ = load_model(path, lazy=True, strict=False)
         first = make_plan(skeleton, group, strategy, **options)
-        if first.strategy == "expert" and any(map(per_expert, _weight_map(path))):
+        if first.strategy == "expert" and any(map(per_expert, weight_map(path))):
             # One tensor per expert: the headers (not the weights) say which files to skip.
             known = read_hub(model_id, revision).tensors
         files = files_for(path, first, skeleton, known)
-        log(f"[rank {rank}/{size}] downloading {len(files)} of {len(set(_weight_map(path).values())) or 1} "
+        log(f"[rank {rank}/{size}] downloading {len(files)} of {len(set(weight_map(path).values())) or 1} "
             f"weight file(s) of {model_id}")
         path = _download(model_id, revision, files, progress)
         strict = first.strategy != "pipeline"  # a pipeline stage has only its own layers' files

@@ -19,7 +19,8 @@ from mlx_moe.planner import batchmodel
 from mlx_moe.planner.batchmodel import DP_SLOTS, batch_estimates, distinct_experts, expected_max_of
 from mlx_moe.parallel.comm import max_message_bytes
 from mlx_moe.planner.costmodel import Model, expected_max, load_profiles, make_hosts, make_report
-from mlx_moe.checkpoints.headers import header_only_checkpoint, read_local
+from mlx_moe.checkpoints.checkpoint import weight_files
+from mlx_moe.checkpoints.headers import Tensor, header_only_checkpoint, read_local, write_header_only
 from mlx_moe.loader import param_bytes
 from mlx_moe.parallel.simulate import shard_in_process
 
@@ -62,6 +63,21 @@ def test_checkpoint_sizes_match_the_published_conversions(models):
     # KV per token: Qwen3 94 layers x 2 x 4 heads x 128 x 2 bytes; DeepSeek's MLA caches 512 + 64 per layer.
     assert sum(kv.per_token for kv in models["qwen3"].kv) == 94 * 2 * 4 * 128 * 2
     assert sum(kv.per_token for kv in models["dsv3"].kv) == 61 * (512 + 64) * 2
+
+
+@pytest.mark.parametrize("indexed", [True, False])
+def test_a_consolidated_file_beside_the_shards_is_not_counted(tmp_path, indexed):
+    """Mistral's repos hold model-*.safetensors and a consolidated.safetensors
+    of the same weights under other names; mlx-lm loads only the former."""
+    shape = (64, 64)
+    tensors = {f"model.layers.{i}.mlp.weight": Tensor("BF16", shape) for i in range(4)}
+    path = write_header_only(tmp_path / "ckpt", {"model_type": "llama"}, tensors, max_file_bytes=2 * 64 * 64 * 2)
+    other = write_header_only(tmp_path / "other", {}, {f"layers.{i}.w": Tensor("BF16", shape) for i in range(4)})
+    (other / "model.safetensors").rename(path / "consolidated.safetensors")
+    if not indexed:
+        (path / "model.safetensors.index.json").unlink()
+    assert weight_files(path) == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    assert read_local(path).total_bytes == sum(t.nbytes for t in tensors.values())
 
 
 def test_strategy_choice(models):

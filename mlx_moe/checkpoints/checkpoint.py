@@ -9,29 +9,68 @@ or holds another rank's experts, not even for a moment.
 """
 
 import json
+import re
 import struct
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import mlx.core as mx
 import numpy as np
 
-# safetensors dtype -> (numpy dtype to read the bytes as, mlx dtype to view them as)
+
+class Dtype(NamedTuple):
+    numpy: type  # what to read the bytes as
+    mlx: Optional[mx.Dtype]  # what to view them as (None: mlx has no such dtype)
+    loaded_bytes: int  # per element once mlx-lm has loaded it
+
+
+# Every safetensors dtype. fp8 loads as 2 bytes: mlx-lm dequantizes fp8
+# checkpoints to bfloat16.
 SAFETENSORS_DTYPES = {
-    "F32": (np.float32, mx.float32),
-    "F16": (np.float16, mx.float16),
-    "BF16": (np.uint16, mx.bfloat16),
-    "F64": (np.float64, None),
-    "I64": (np.int64, mx.int64),
-    "I32": (np.int32, mx.int32),
-    "I16": (np.int16, mx.int16),
-    "I8": (np.int8, mx.int8),
-    "U64": (np.uint64, mx.uint64),
-    "U32": (np.uint32, mx.uint32),
-    "U16": (np.uint16, mx.uint16),
-    "U8": (np.uint8, mx.uint8),
-    "BOOL": (np.bool_, mx.bool_),
+    "F64": Dtype(np.float64, None, 8),
+    "F32": Dtype(np.float32, mx.float32, 4),
+    "F16": Dtype(np.float16, mx.float16, 2),
+    "BF16": Dtype(np.uint16, mx.bfloat16, 2),
+    "F8_E4M3": Dtype(np.uint8, None, 2),
+    "F8_E5M2": Dtype(np.uint8, None, 2),
+    "I64": Dtype(np.int64, mx.int64, 8),
+    "I32": Dtype(np.int32, mx.int32, 4),
+    "I16": Dtype(np.int16, mx.int16, 2),
+    "I8": Dtype(np.int8, mx.int8, 1),
+    "U64": Dtype(np.uint64, mx.uint64, 8),
+    "U32": Dtype(np.uint32, mx.uint32, 4),
+    "U16": Dtype(np.uint16, mx.uint16, 2),
+    "U8": Dtype(np.uint8, mx.uint8, 1),
+    "BOOL": Dtype(np.bool_, mx.bool_, 1),
 }
+
+
+def mlx_dtype(name: str) -> Optional[mx.Dtype]:
+    """The mlx dtype of safetensors dtype `name`; None if mlx has none."""
+    entry = SAFETENSORS_DTYPES.get(name)
+    return entry.mlx if entry else None
+
+
+# What a checkpoint directory's weights are: the files its index names, else
+# those mlx-lm's load globs (so a `consolidated.safetensors` beside them is not).
+INDEX = "model.safetensors.index.json"
+WEIGHTS = "model*.safetensors"
+# The decoder layer a tensor's name lies in.
+LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def local_checkpoint(model_id: str) -> Optional[Path]:
+    """The directory `model_id` names, None if it is a hub repo id."""
+    path = Path(model_id).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"{path} has no config.json: not an mlx-lm checkpoint")
+        return path
+    if model_id.startswith((".", "/", "~")) or model_id.count("/") != 1:
+        raise FileNotFoundError(
+            f"No checkpoint directory at {model_id!r}, and it is not a Hugging Face repo id (owner/name)."
+        )
+    return None
 
 
 def read_header(file: Path) -> Tuple[int, Dict[str, dict]]:
@@ -43,12 +82,15 @@ def read_header(file: Path) -> Tuple[int, Dict[str, dict]]:
     return 8 + n, header
 
 
+def weight_map(path: Path) -> Dict[str, str]:
+    """The index's {tensor: file}; empty without an index."""
+    index = Path(path) / INDEX
+    return json.loads(index.read_text())["weight_map"] if index.exists() else {}
+
+
 def weight_files(path: Path) -> List[str]:
-    """The checkpoint's weight files: those its index names, else model*.safetensors."""
-    index = Path(path) / "model.safetensors.index.json"
-    if index.exists():
-        return sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    return sorted(p.name for p in Path(path).glob("model*.safetensors"))
+    """The checkpoint's weight files (INDEX, WEIGHTS)."""
+    return sorted(set(weight_map(path).values())) or sorted(p.name for p in Path(path).glob(WEIGHTS))
 
 
 class Checkpoint:
@@ -71,9 +113,8 @@ class Checkpoint:
             else:
                 absent.append(name)
         if absent and known is not None:
-            weight_map = json.loads((self.path / "model.safetensors.index.json").read_text())["weight_map"]
             files = {name: self.path / name for name in absent}
-            for key, name in weight_map.items():
+            for key, name in weight_map(self.path).items():
                 if name in files:
                     meta = {"dtype": known[key].dtype, "shape": list(known[key].shape)}
                     self.tensors[key] = (files[name], None, meta)
@@ -134,7 +175,7 @@ class Checkpoint:
                     raise RuntimeError(f"{key}: sanitize made it unlike the per-expert tensors it "
                                        "stacks, and some of them were not downloaded")
                 return None
-            out = np.empty((len(rows), *meta["shape"]), SAFETENSORS_DTYPES[meta["dtype"]][0])
+            out = np.empty((len(rows), *meta["shape"]), SAFETENSORS_DTYPES[meta["dtype"]].numpy)
             for i, r in enumerate(rows):
                 self._read_into(out[i : i + 1], sources[r], 0)
             return _to_mlx(out, meta["dtype"])
@@ -143,7 +184,7 @@ class Checkpoint:
         meta = self.tensors[key][2]
         if not _matches(like, meta, meta["shape"]):
             return None
-        out = np.empty((len(rows), *meta["shape"][1:]), SAFETENSORS_DTYPES[meta["dtype"]][0])
+        out = np.empty((len(rows), *meta["shape"][1:]), SAFETENSORS_DTYPES[meta["dtype"]].numpy)
         row_bytes = out[0].nbytes
         i = 0
         for lo, hi in _runs(rows):
@@ -171,13 +212,11 @@ def per_expert(key: str) -> bool:
 
 
 def _zeros(meta: dict) -> mx.array:
-    dtype = SAFETENSORS_DTYPES.get(meta["dtype"], (None, None))[1]
-    return mx.zeros(meta["shape"], dtype=dtype or mx.uint8)
+    return mx.zeros(meta["shape"], dtype=mlx_dtype(meta["dtype"]) or mx.uint8)
 
 
 def _matches(like: mx.array, meta: dict, shape) -> bool:
-    mx_dtype = SAFETENSORS_DTYPES.get(meta["dtype"], (None, None))[1]
-    return mx_dtype == like.dtype and tuple(shape) == tuple(like.shape)
+    return mlx_dtype(meta["dtype"]) == like.dtype and tuple(shape) == tuple(like.shape)
 
 
 def _to_mlx(data: np.ndarray, dtype: str) -> mx.array:

@@ -15,14 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from .checkpoint import SAFETENSORS_DTYPES, read_header
+from .checkpoint import INDEX, SAFETENSORS_DTYPES, local_checkpoint, read_header, weight_files
 
-# Bytes per element of each safetensors dtype. fp8 counts 2: mlx-lm
-# dequantizes fp8 checkpoints to bfloat16 when it loads them.
-DTYPE_BYTES = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 2, "F8_E5M2": 2,
-    "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
-}
 _FLOATS = ("BF16", "F16", "F32")
 
 
@@ -33,7 +27,7 @@ class Tensor:
 
     @property
     def nbytes(self) -> int:
-        n = DTYPE_BYTES.get(self.dtype, 1)
+        n = SAFETENSORS_DTYPES[self.dtype].loaded_bytes if self.dtype in SAFETENSORS_DTYPES else 1
         for d in self.shape:
             n *= d
         return n
@@ -68,11 +62,7 @@ def read_local(path) -> CheckpointInfo:
     config_file = path / "config.json"
     if not config_file.exists():
         raise FileNotFoundError(f"{path} has no config.json: not a model checkpoint directory")
-    index = path / "model.safetensors.index.json"
-    if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    else:
-        files = sorted(p.name for p in path.glob("*.safetensors"))
+    files = weight_files(path)
     if not files:
         raise FileNotFoundError(f"{path} has no safetensors files (or index) to read tensor shapes from")
     tensors: Dict[str, Tensor] = {}
@@ -101,14 +91,12 @@ def read_hub(repo_id: str, revision: Optional[str] = None) -> CheckpointInfo:
 
 def read_checkpoint(model: str, revision: Optional[str] = None) -> CheckpointInfo:
     """A local directory if `model` names one, else a hub repo id."""
-    from ..loader import local_checkpoint
-
     path = local_checkpoint(model)
     return read_local(path) if path else read_hub(model, revision)
 
 
 def safetensors_dtype(mx_dtype) -> str:
-    return next(name for name, (_, dtype) in SAFETENSORS_DTYPES.items() if dtype is not None and dtype == mx_dtype)
+    return next(name for name, d in SAFETENSORS_DTYPES.items() if d.mlx is not None and d.mlx == mx_dtype)
 
 
 def write_header_only(path, config: dict, tensors: Dict[str, Tensor], max_file_bytes: int = 5 << 30) -> Path:
@@ -139,7 +127,7 @@ def write_header_only(path, config: dict, tensors: Dict[str, Tensor], max_file_b
         (path / file).write_bytes(struct.pack("<Q", len(raw)) + raw)
     index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values()), "header_only": True},
              "weight_map": dict(sorted(weight_map.items()))}
-    (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+    (path / INDEX).write_text(json.dumps(index, indent=1))
     (path / "config.json").write_text(json.dumps(config, indent=1))
     return path
 

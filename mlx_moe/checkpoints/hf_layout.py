@@ -10,6 +10,8 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from .checkpoint import INDEX, WEIGHTS
+
 # The names Mixtral-style checkpoints give the projections of an expert.
 W_NAMES = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}
 STACKED = re.compile(r"^(.*)\.switch_mlp\.(\w+)\.(\w+)$")
@@ -51,7 +53,7 @@ def write_hf_layout(path: Path) -> None:
     config = json.loads((path / "config.json").read_text())
     model_class, args_class = _get_classes(config)
     model = model_class(args_class.from_dict(config))
-    old = sorted(path.glob("model*.safetensors"))
+    old = sorted(path.glob(WEIGHTS))
     weights = {}
     for f in old:
         weights.update(mx.load(str(f)))
@@ -71,4 +73,4 @@ def write_hf_layout(path: Path) -> None:
         weight_map.update({k: name for k in tensors})
         total += sum(v.nbytes for v in tensors.values())
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=4))
+    (path / INDEX).write_text(json.dumps(index, indent=4))

@@ -86,16 +86,22 @@ class MoEBlock:
     unsupported: Optional[str] = None
 
 
-_TOP_K_NAMES = ("top_k", "num_experts_per_tok", "num_experts_per_token", "moe_topk", "k",
-                "n_activated_experts")
+# What models call the experts per token, most specific first: a config's
+# bare "top_k" may be a sampling default.
+TOP_K_NAMES = ("num_experts_per_tok", "num_experts_per_token", "moe_topk", "n_activated_experts", "top_k", "k")
+
+
+def top_k_of(holder) -> Optional[int]:
+    """Experts per token as `holder` (a module, its args, or a config dict) names it."""
+    get = holder.get if type(holder) is dict else lambda a: getattr(holder, a, None)
+    return next((get(a) for a in TOP_K_NAMES if isinstance(get(a), int)), None)
 
 
 def _top_k(block: nn.Module) -> Optional[int]:
     """Experts per token, from the block, the config it keeps or its router."""
     for holder in (block, *(getattr(block, a, None) for a in ("args", "config", "gate", "router"))):
-        for a in _TOP_K_NAMES:
-            if isinstance(getattr(holder, a, None), int):
-                return getattr(holder, a)
+        if (k := top_k_of(holder)) is not None:
+            return k
     return None
 
 

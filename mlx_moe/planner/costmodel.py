@@ -26,8 +26,10 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from ..parallel.expert import find_moe_blocks
-from ..checkpoints.headers import DTYPE_BYTES, CheckpointInfo
+from ..checkpoints.checkpoint import LAYER, SAFETENSORS_DTYPES, mlx_dtype
+from ..checkpoints.headers import CheckpointInfo
+from ..cluster.memory import parse_bytes
+from ..parallel.expert import find_moe_blocks, top_k_of
 from ..parallel.plan import PlanError, layers_path, plan
 from ..parallel.simulate import LocalGroup
 
@@ -100,15 +102,11 @@ def load_profiles(path: Path = PROFILES_FILE) -> Tuple[Dict[str, Chip], Dict[str
 # ---------------------------------------------------------------- the model
 
 
-_MX_DTYPES = {"BF16": mx.bfloat16, "F16": mx.float16, "F32": mx.float32, "U32": mx.uint32,
-              "U8": mx.uint8, "I32": mx.int32, "I8": mx.int8, "U16": mx.uint16}
-
-
 class _Stub:
     """What mlx-lm's quantization inference reads of a weight: its shape and dtype."""
 
     def __init__(self, t):
-        self.shape, self.dtype = t.shape, _MX_DTYPES.get(t.dtype, mx.float32)
+        self.shape, self.dtype = t.shape, mlx_dtype(t.dtype) or mx.float32
 
 
 def build_model(info: CheckpointInfo) -> nn.Module:
@@ -266,7 +264,6 @@ class Inventory:
         return sum(l.total for l in self.layers) + self.embed + self.other
 
 
-_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 # Inside a layer, what mlx-lm's `shard()` leaves whole on every rank.
 _TP_WHOLE = re.compile(r"norm|\.gate\.|\.router\.|e_score_correction|q_a_proj|kv_a_proj")
 
@@ -294,7 +291,7 @@ def inventory(info: CheckpointInfo, model: nn.Module, top_k_default: Optional[in
             inv.embed += t.nbytes
             inv.embed_row += t.nbytes // max(1, t.shape[0])
             continue
-        m = re.match(re.escape(prefix) + r"\.(\d+)\.", name) or _LAYER.search(name)
+        m = re.match(re.escape(prefix) + r"\.(\d+)\.", name) or LAYER.search(name)
         if m is None:
             inv.other += t.nbytes
             continue
@@ -421,9 +418,9 @@ class Model:
     @classmethod
     def read(cls, info: CheckpointInfo) -> "Model":
         model = build_model(info)
-        act_bytes = DTYPE_BYTES[info.activation_dtype()]
+        act_bytes = SAFETENSORS_DTYPES[info.activation_dtype()].loaded_bytes
         text = info.config.get("text_config", info.config)
-        top_k = next((text[k] for k in ("num_experts_per_tok", "moe_topk", "top_k") if isinstance(text.get(k), int)), None)
+        top_k = top_k_of(text)
         hidden = text.get("hidden_size") or info.config.get("hidden_size") or 0
         inv = inventory(info, model, top_k)
         try:
@@ -644,15 +641,6 @@ def make_report(m: Model, hosts: List[Host], link: Link, context: int, position:
 
 
 # ------------------------------------------------------------ the command
-
-
-def parse_bytes(text: str) -> float:
-    """'512G', '192GB', '1.5T', '96' (GB) -> GB."""
-    m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?)i?B?\s*", text, re.IGNORECASE)
-    if not m:
-        raise ValueError(f"cannot read memory size {text!r}; write e.g. 512G or 192GB")
-    scale = {"K": 1e-6, "M": 1e-3, "G": 1.0, "T": 1e3, "": 1.0}[m.group(2).upper()]
-    return float(m.group(1)) * scale
 
 
 def _per_host(value: Optional[str], n: int, what: str) -> Optional[List[str]]:

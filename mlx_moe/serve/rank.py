@@ -19,7 +19,8 @@ import mlx.core as mx
 from ..cluster.failures import exit_failed
 from ..cluster.consistency import exchange
 from ..cluster.cores import restore_priority
-from ..loader import available_bytes, load_sharded, log, param_bytes
+from ..cluster.memory import available_bytes
+from ..loader import load_sharded, log, param_bytes
 from ..parallel.placement import resolve
 from .engine import Engine
 from .homes import ATTENTION, attention_mode
