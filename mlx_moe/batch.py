@@ -6,7 +6,7 @@ What a sharded model adds to mlx-lm's loop:
   exchange a digest of their prompts and settings, and a difference fails
   every rank with the rank, the prompt and the field;
 - every rank must draw the same tokens without exchanging them: each prompt
-  samples with its own seeded key (serve's `request_sampler`), so a seeded
+  samples with its own seeded key (`sampling.request_sampler`), so a seeded
   prompt also gets the same text alone or in any batch;
 - the last step's collectives may still be in flight when the batch ends:
   they are settled before the ranks go on.
@@ -19,7 +19,7 @@ from mlx_lm.generate import BatchGenerator, BatchResponse
 
 from .parallel import comm
 from .cluster.consistency import ClusterMismatch, digest, exchange
-from .serve.scheduler import request_sampler
+from .sampling import request_sampler
 
 # mlx-lm's BatchGenerator options that batch_generate passes on (plain
 # numbers, so every rank's can be compared).

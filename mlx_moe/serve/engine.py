@@ -30,13 +30,14 @@ import mlx.core as mx
 from mlx_lm.generate import BatchGenerator, StopSequences, generation_stream
 from mlx_lm.sample_utils import make_logits_processors
 
-from ..parallel import comm, data_parallel
-from ..parallel.expert import expert_loads
 from ..cluster.failures import lost_peer, rank_failed
 from ..loader import log
+from ..parallel import comm, data_parallel
+from ..parallel.expert import expert_loads
+from ..sampling import request_sampler
 from .homes import FINISH, Members, Placement, SlotModel
 from .prefix_cache import PrefixCache
-from .scheduler import Scheduler, exchange, request_sampler
+from .scheduler import Scheduler, exchange
 from .structured import Grammars
 
 

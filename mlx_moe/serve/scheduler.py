@@ -20,7 +20,6 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import mlx.core as mx
 import numpy as np
-from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
 
 from ..parallel import comm
 
@@ -48,31 +47,6 @@ def exchange(plan: Optional[dict], group) -> dict:
         rest = np.frombuffer(data[room:], np.uint8) if plan is not None else np.zeros(size - room, np.uint8)
         got += bytes(np.array(comm.all_sum(mx.array(rest), group)))
     return json.loads(got)
-
-
-def request_sampler(spec: dict):
-    """A sampler for one request (Job.spec) that does not touch the global
-    random state: its own key, split at every token, so a seeded request
-    draws the same tokens alone or in any batch, on every rank. None (the
-    generator's batched argmax) for temperature 0."""
-    temperature, top_p, top_k, min_p = (spec[k] for k in ("temperature", "top_p", "top_k", "min_p"))
-    if temperature == 0:
-        return None
-    key = mx.random.key(spec["seed"])
-
-    def sample(logprobs: mx.array) -> mx.array:
-        nonlocal key
-        key, sub = mx.random.split(key)
-        # mlx-lm's make_sampler order: top_p, min_p, then top_k.
-        if top_p < 1:
-            logprobs = apply_top_p(logprobs, top_p)
-        if min_p > 0:
-            logprobs = apply_min_p(logprobs, min_p)
-        if top_k > 0:
-            logprobs = apply_top_k(logprobs, top_k)
-        return mx.random.categorical(logprobs * (1 / temperature), key=sub)
-
-    return sample
 
 
 def token_logprobs(logprobs: mx.array, token: int, k: int) -> Tuple[int, float, List[Tuple[int, float]]]:
