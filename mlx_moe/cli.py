@@ -282,7 +282,9 @@ def cmd_placement(args):
 
 def cmd_plan(args):
     from .planner.batchmodel import batch_estimates, format_batch, parse_concurrency
-    from .planner.costmodel import Model, format_report, load_profiles, make_hosts, make_report
+    from .planner.costmodel import format_report, make_report
+    from .planner.model import Model
+    from .planner.profiles import load_profiles, make_hosts
     from .checkpoints.headers import read_checkpoint
     from .parallel.plan import PlanError
 

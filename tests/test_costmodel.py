@@ -18,7 +18,9 @@ from mlx_lm.utils import load_model
 from mlx_moe.planner import batchmodel
 from mlx_moe.planner.batchmodel import DP_SLOTS, batch_estimates, distinct_experts, expected_max_of
 from mlx_moe.parallel.comm import max_message_bytes
-from mlx_moe.planner.costmodel import Model, expected_max, load_profiles, make_hosts, make_report
+from mlx_moe.planner.costmodel import expected_max, make_report
+from mlx_moe.planner.model import Model
+from mlx_moe.planner.profiles import load_profiles, make_hosts
 from mlx_moe.checkpoints.checkpoint import weight_files
 from mlx_moe.checkpoints.headers import Tensor, header_only_checkpoint, read_local, write_header_only
 from mlx_moe.loader import param_bytes

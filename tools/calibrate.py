@@ -231,7 +231,9 @@ def write_profiles(single, shared, path):
 def predict(bench: dict, profiles_path) -> list:
     """Predicted vs measured decode tok/s of each benchmark row."""
     from mlx_moe.bench import MODEL
-    from mlx_moe.planner.costmodel import Model, load_profiles, make_hosts, make_report
+    from mlx_moe.planner.costmodel import make_report
+    from mlx_moe.planner.model import Model
+    from mlx_moe.planner.profiles import load_profiles, make_hosts
     from mlx_moe.checkpoints.headers import read_local
     from mlx_moe.checkpoints.synthetic import synthesize
 

@@ -21,7 +21,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from mlx_moe.planner.batchmodel import batch_estimates  # noqa: E402
-from mlx_moe.planner.costmodel import PROFILES_FILE, Model, load_profiles, make_hosts, make_report  # noqa: E402
+from mlx_moe.planner.costmodel import make_report  # noqa: E402
+from mlx_moe.planner.model import Model  # noqa: E402
+from mlx_moe.planner.profiles import PROFILES_FILE, load_profiles, make_hosts  # noqa: E402
 from mlx_moe.checkpoints.headers import header_only_checkpoint, read_local  # noqa: E402
 
 MODELS = [("Qwen3-235B-A22B", "qwen3-235b-a22b"), ("DeepSeek-V3", "deepseek-v3")]

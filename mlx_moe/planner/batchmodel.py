@@ -24,9 +24,11 @@ from typing import Callable, List, Sequence, Tuple
 import numpy as np
 
 from ..parallel.comm import max_message_bytes
-from .costmodel import EP_GATHER_OPS, EP_MASK_OPS, GB, Chip, Host, Link, Model, Report, Timed
 from ..parallel.plan import plan
 from ..parallel.simulate import LocalGroup
+from .costmodel import EP_GATHER_OPS, EP_MASK_OPS, Report, Timed
+from .model import Model
+from .profiles import GB, Chip, Host, Link
 
 # expert.GATHER_MIN_TOKENS on a GPU (that module reads the device it runs
 # on): below this many tokens a rank runs the masked path, from here on it
