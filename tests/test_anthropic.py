@@ -25,7 +25,7 @@ CALL = ('<think>Need the weather.</think>\n\n<tool_call>\n'
 
 
 class NotFound(Exception):
-    """Like app.py's APIError: a status and a message."""
+    """Like schema.py's APIError: a status and a message."""
     status, message = 404, "The model 'other' does not exist."
 
 

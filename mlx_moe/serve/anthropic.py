@@ -8,7 +8,7 @@ stream. Errors have Anthropic's shape, so its SDKs raise their own classes.
 is app.py's: an async generator that checks the request against the server
 (model name, context) and yields the engine's events for it: ("text",
 piece)..., then ("done", finish_reason, usage) or ("error", message). An
-exception with `status` and `message` (app.py's APIError) or a RequestError
+exception with `status` and `message` (schema.py's APIError) or a RequestError
 before the first event becomes an error response; a client that goes away
 closes the generator.
 """
@@ -287,7 +287,7 @@ def anthropic_router(tokenizer, run: Callable[[Generation], AsyncIterator[tuple]
             return await events.__anext__(), None
         except RequestError as e:
             return None, error_response(400, f"{e.param}: {e}")
-        except Exception as e:  # app.py's APIError: a status and a message
+        except Exception as e:  # schema.py's APIError: a status and a message
             if getattr(e, "status", None) is None:
                 raise
             return None, error_response(e.status, e.message)

@@ -9,149 +9,27 @@ import time
 import uuid
 from contextlib import aclosing
 from pathlib import Path
-from typing import Dict, List, Optional, Union
+from typing import Dict, List, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .anthropic import Generation, anthropic_router
-from .chat import ChatFields, ChatOutput, build_prompt
+from .chat import ChatOutput, build_prompt
 from .engine import Engine, Job
+from .http import DEFAULT_MAX_BODY_BYTES, BodyLimit, error_body, route_paths
 from .metrics import CountRequests, Metrics
 from .scheduler import QueueFull
+from .schema import DEFAULT_MAX_TOKENS, APIError, ChatRequest, CompletionRequest, Sampling, encode
 from .status import status_router
 from .structured import RequestError
 
-DEFAULT_MAX_TOKENS = 512
-MAX_N = 16  # choices per request (each is a sequence in the batch)
 LOGPROB_FLOOR = -9999.0  # vLLM's, for -inf (not JSON)
 RETRY_AFTER = 1  # seconds a client refused for a full queue is told to wait
-
-
-class APIError(Exception):
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
-                 param: Optional[str] = None, code: Optional[str] = None, headers: Optional[dict] = None):
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-        self.headers = headers
-
-
-def error_body(message, type="invalid_request_error", param=None, code=None) -> dict:
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
-
-
-class StreamOptions(BaseModel):
-    include_usage: StrictBool = False
-
-
-class Sampling(BaseModel):
-    # An unknown field is a 400 naming it, rather than a setting silently not applied.
-    model_config = ConfigDict(extra="forbid")
-    model: StrictStr
-    max_tokens: Optional[StrictInt] = Field(None, gt=0)
-    max_completion_tokens: Optional[StrictInt] = Field(None, gt=0)
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
-    seed: Optional[StrictInt] = None
-    stop: Optional[Union[StrictStr, List[StrictStr]]] = None
-    stop_token_ids: Optional[List[StrictInt]] = None  # vLLM's: token ids that end the answer
-    logit_bias: Optional[Dict[StrictStr, float]] = None
-    stream: StrictBool = False
-    stream_options: Optional[StreamOptions] = None
-    n: StrictInt = Field(1, ge=1, le=MAX_N)
-    user: Optional[StrictStr] = None  # accepted and ignored: no per-user accounting
-    # Beyond OpenAI's fields, those of mlx-lm's and vLLM's servers (top_k,
-    # min_p, repetition_penalty); penalties look back PENALTY_CONTEXT tokens.
-    top_k: StrictInt = Field(0, ge=0)
-    min_p: float = Field(0.0, ge=0, le=1)
-    repetition_penalty: Optional[float] = Field(None, gt=0)
-    presence_penalty: float = Field(0.0, ge=-2, le=2)
-    frequency_penalty: float = Field(0.0, ge=-2, le=2)
-
-    def top_logprobs_count(self) -> Optional[int]:
-        """How many alternatives each token's log-probs list; None: no log-probs."""
-        return None
-
-
-class ChatRequest(Sampling, ChatFields):
-    logprobs: StrictBool = False
-    top_logprobs: Optional[StrictInt] = Field(None, ge=0, le=20)
-
-    def top_logprobs_count(self):
-        if self.top_logprobs is not None and not self.logprobs:
-            raise APIError(400, "top_logprobs needs logprobs: true.", param="top_logprobs")
-        return (self.top_logprobs or 0) if self.logprobs else None
-
-
-class CompletionRequest(Sampling):
-    # Text, or token ids; a list of them is several prompts, n choices each.
-    prompt: Union[StrictStr, List[StrictInt], List[StrictStr], List[List[StrictInt]]]
-    logprobs: Optional[StrictInt] = Field(None, ge=0, le=5)
-
-    def top_logprobs_count(self):
-        return self.logprobs
-
-
-def encode(tokenizer, prompt: str) -> List[int]:
-    # The rule mlx_lm.stream_generate applies to a string prompt, so a
-    # served prompt is tokenized exactly as a local generate would.
-    add_special = tokenizer.bos_token is None or not prompt.startswith(tokenizer.bos_token)
-    return list(tokenizer.encode(prompt, add_special_tokens=add_special))
-
-
-DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
-
-
-class BodyLimit:
-    """ASGI middleware: a request body over `limit` bytes gets 413 before
-    it is read into memory (by Content-Length, or while streaming)."""
-
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.limit:
-            return await self._reject(send)
-        seen = 0
-
-        async def limited():
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.limit:
-                raise _TooLarge()
-            return message
-
-        try:
-            await self.app(scope, limited, send)
-        except _TooLarge:
-            await self._reject(send)
-
-    async def _reject(self, send):
-        body = json.dumps(error_body(f"The request body is larger than {self.limit} bytes.",
-                                     code="request_too_large")).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json")]})
-        await send({"type": "http.response.body", "body": body})
-
-
-class _TooLarge(Exception):
-    pass
-
-
-def route_paths(routes):
-    for route in routes:
-        if hasattr(route, "path"):
-            yield route.path
-        else:  # FastAPI 0.165 keeps an included router whole (ours have no prefix)
-            yield from route_paths(route.original_router.routes)
 
 
 def create_app(engine: Engine, model_id: str, context_length: int, plan_text: str = "",

@@ -15,7 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .app import error_body
+from .http import error_body
 from .status import status_router
 
 RETRY_AFTER = 5  # seconds a client is told to wait while the ranks load
