@@ -175,7 +175,8 @@ def test_clear_cache_lets_other_threads_run_while_it_waits():
     holding the GIL, which froze the watchdog; the engine's version must not."""
     import mlx.core as mx
 
-    from mlx_moe.serve.engine import clear_cache_without_gil
+    from mlx_moe.parallel.comm import settle
+    from mlx_moe.patches import settled_clear_cache
 
     ticks, stop = [], threading.Event()
 
@@ -194,7 +195,8 @@ def test_clear_cache_lets_other_threads_run_while_it_waits():
     try:
         mx.async_eval(x)
         before, started = len(ticks), time.monotonic()
-        clear_cache_without_gil()()
+        with settled_clear_cache(settle):
+            mx.clear_cache()
         waited, counted = time.monotonic() - started, len(ticks) - before
     finally:
         stop.set()

@@ -24,6 +24,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models import base
 
+from ..patches import swap_global, with_call
 from . import comm, data_parallel
 
 # Queries per call from which the core is split: decode steps (one token)
@@ -115,17 +116,6 @@ def _split_rows(self, x):
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
-_SUBCLASSES = {}
-
-
-def _with_call(cls, call):
-    """`cls` with `call` as its __call__ (which reaches cls's own through
-    super), made once per pair so swapped instances share it."""
-    if (cls, call) not in _SUBCLASSES:
-        _SUBCLASSES[cls, call] = type(cls.__name__, (cls,), {"__call__": call, "__module__": cls.__module__})
-    return _SUBCLASSES[cls, call]
-
-
 def _call_splitting(self, *args, **kwargs):
     # Data-parallel forwards keep attention whole: the ranks' inputs differ.
     token = _GROUP.set(None if data_parallel.current() else self._split_group)
@@ -141,17 +131,16 @@ def split_long_attention(model: nn.Module, group) -> None:
     mlx-lm's scaled_dot_product_attention) keeps it whole."""
     patched = False
     for _, m in model.named_modules():
-        module = sys.modules.get(type(m).__module__)
-        if module is not None and getattr(module, "scaled_dot_product_attention", None) in (
-                _ORIGINAL, split_attention):
-            module.scaled_dot_product_attention = split_attention
+        # Outside a model that installed it, split_attention is the original.
+        if swap_global(sys.modules.get(type(m).__module__), "scaled_dot_product_attention",
+                       _ORIGINAL, split_attention):
             patched = True
         code = getattr(getattr(type(m), "__call__", None), "__code__", None)
         if MIN_ROWS is not None and code is not None and "scaled_dot_product_attention" in code.co_names:
             # The attention's own projections (q, k, v, o and the like).
             for child in m.children().values():
                 if type(child) in (nn.Linear, nn.QuantizedLinear):
-                    child.__class__ = _with_call(type(child), _split_rows)
+                    with_call(child, _split_rows)
     if patched:
-        model.__class__ = _with_call(type(model), _call_splitting)
+        with_call(model, _call_splitting)
         model._split_group = group

@@ -34,6 +34,7 @@ from ..cluster.failures import lost_peer, rank_failed
 from ..loader import log
 from ..parallel import comm, data_parallel
 from ..parallel.expert import expert_loads
+from ..patches import settled_clear_cache
 from ..sampling import request_sampler
 from .homes import FINISH, Members, Placement, SlotModel
 from .prefix_cache import PrefixCache
@@ -113,18 +114,6 @@ NOTICE_WAIT = 3.0
 PENALTY_CONTEXT = 20  # tokens the penalties look back over (mlx-lm's default)
 LOAD_REFRESH = 1.0  # seconds between expert-load snapshots while others run
 PREFILL_BATCH = 8  # prompts read together, in one padded chunk (mlx-lm's default)
-
-
-def clear_cache_without_gil(clear_cache=mx.clear_cache):
-    """mx.clear_cache waits for queued work holding the GIL (mlx 0.32); mlx-lm
-    calls it every 256 tokens, so a peer that stalled during that wait froze
-    every thread of the rank, the watchdog too. Waiting first in
-    mx.synchronize, which releases the GIL, leaves it nothing to wait for."""
-    def clear():
-        comm.settle()
-        clear_cache()
-    clear.without_gil = True
-    return clear
 
 
 def bound_prefill(generator: BatchGenerator, budget: int) -> None:
@@ -235,8 +224,10 @@ class Engine:
 
     def run(self) -> None:
         """The loop every rank runs until rank 0 says stop."""
-        if not getattr(mx.clear_cache, "without_gil", False):
-            mx.clear_cache = clear_cache_without_gil()
+        with settled_clear_cache(comm.settle):  # mlx-lm's generator calls mx.clear_cache
+            self._loop()
+
+    def _loop(self) -> None:
         threading.Thread(target=self._watch, daemon=True, name="watchdog").start()
         generator = self.generator()
         live = set()  # the generator's sequences: the same ids on every rank
