@@ -275,7 +275,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bench", default=str(ROOT / "docs" / "bench.json"), help="benchmark results to check against")
     p.add_argument("--json", default="calibration.json", help="where to write the results")
-    p.add_argument("--profiles", default=str(ROOT / "mlx_moe" / "profiles.json"))
+    p.add_argument("--profiles", default=str(ROOT / "mlx_moe" / "planner" / "profiles.json"))
     p.add_argument("--no-write", action="store_true", help="do not update the profiles file")
     p.add_argument("--predict-only", action="store_true",
                    help="measure nothing: predict the benchmark rows from the profiles as they are")
