@@ -236,10 +236,7 @@ def estimate_expert(r: Report, b: int, data_parallel: bool) -> BatchEstimate:
                 for h, s, rg in zip(hosts, seqs, ridges)]
         over = [h.ops_s(m.layer_ops) for h in hosts]
         if lb.block not in moe:
-            t = max(x + o for x, o in zip(base, over))
-            e.overhead_s += max(over)
-            e.memory_s += t - max(over)
-            pending += t
+            pending += e.add_segment(base, over)
             continue
         lp = moe[lb.block]
         # The shared experts and the router see every token of the batch.
@@ -289,12 +286,10 @@ def estimate_tensor(r: Report, b: int) -> BatchEstimate:
         u = distinct_experts(lb.num_experts, lb.top_k, b) if lb.num_experts else 0
         kv = b * m.kv_read(i, r.position) / min(n, m.kv[i].heads) if i < len(m.kv) else 0
         over = [h.ops_s(m.layer_ops) for h in hosts]
-        t = max(weights_s(h, lb.tp_whole + (lb.dense - lb.tp_whole) / n, b, rg)
-                + weights_s(h, lb.shared / n, b, rg)
-                + (weights_s(h, u * lb.per_expert / n, b * lb.top_k / u, rg) if u else 0)
-                + h.read_s(0, kv) + o for h, o, rg in zip(hosts, over, ridges))
-        e.overhead_s += max(over)
-        e.memory_s += t - max(over)
+        t = e.add_segment([weights_s(h, lb.tp_whole + (lb.dense - lb.tp_whole) / n, b, rg)
+                           + weights_s(h, lb.shared / n, b, rg)
+                           + (weights_s(h, u * lb.per_expert / n, b * lb.top_k / u, rg) if u else 0)
+                           + h.read_s(0, kv) for h, rg in zip(hosts, ridges)], over)
         e.comm_s += 2 * (link.all_sum_s(n, message) + link.wait_s(t / 2))
         e.collectives += 2
     e.memory_s += max(weights_s(h, m.inv.outside_read, b, rg) for h, rg in zip(hosts, ridges))

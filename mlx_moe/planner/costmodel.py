@@ -65,6 +65,15 @@ class Timed:
     def seconds(self) -> float:
         return self.memory_s + self.overhead_s + self.comm_s
 
+    def add_segment(self, reads: List[float], ops: List[float]) -> float:
+        """Add what the hosts compute between two collectives, each host's
+        read time and op time: the slowest host sets the time, the most ops
+        of it count as overhead. Returns that time."""
+        t = max(r + o for r, o in zip(reads, ops))
+        self.overhead_s += max(ops)
+        self.memory_s += t - max(ops)
+        return t
+
 
 @dataclass
 class Estimate(Timed):
@@ -148,10 +157,7 @@ def estimate_expert(m: Model, hosts: List[Host], link: Link, context: int, posit
         base = [h.read_s(lb.dense, m.kv_read(i, position)) for h in hosts]
         over = [h.ops_s(m.layer_ops) for h in hosts]
         if i not in counts_of:
-            t = max(b + o for b, o in zip(base, over))
-            e.overhead_s += max(over)
-            e.memory_s += t - max(over)
-            pending += t
+            pending += e.add_segment(base, over)
             continue
         lp = moe[lb.block]
         extra = [h.ops_s(EP_MASK_OPS) if h.chip.gpu else h.ops_s(EP_GATHER_OPS, syncs=1) for h in hosts]
@@ -194,9 +200,7 @@ def estimate_tensor(m: Model, hosts: List[Host], link: Link, context: int, posit
         reads = lb.tp_whole + (lb.active - lb.tp_whole) / n
         kv = m.kv_read(i, position) / split(m.kv[i]) if i < len(m.kv) else 0
         over = [h.ops_s(m.layer_ops) for h in hosts]
-        t = max(h.read_s(reads, kv) + o for h, o in zip(hosts, over))
-        e.overhead_s += max(over)
-        e.memory_s += t - max(over)
+        t = e.add_segment([h.read_s(reads, kv) for h in hosts], over)
         # One all_sum after attention, one after the MLP: about half the layer each.
         e.comm_s += 2 * (link.all_sum_s(n, message) + link.wait_s(t / 2))
         e.collectives += 2
