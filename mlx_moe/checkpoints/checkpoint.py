@@ -1,4 +1,5 @@
-"""Reading only a rank's experts straight from safetensors files.
+"""A checkpoint directory's weight files and their dtypes, and reading only
+a rank's experts straight from them.
 
 Experts are stacked on axis 0, so one rank's experts are one contiguous byte
 range of the file (a few, under a placement). A checkpoint in the original
