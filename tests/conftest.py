@@ -6,6 +6,7 @@ import pytest
 
 from mlx_moe.cluster.launch import run_ranks
 from mlx_moe.checkpoints.synthetic import synthesize
+from mlx_moe.parallel import attention
 
 WORKERS = Path(__file__).parent / "workers"
 
@@ -25,6 +26,16 @@ def checkpoint(ckpt_dir):
         return synthesize(ckpt_dir / name, arch, **kw)
 
     return make
+
+
+def attention_gathers(tokens: int) -> int:
+    """The all_gathers a replicated forward of `tokens` tokens on several
+    ranks adds per layer by splitting an attention with q, k, v and o
+    projections: 4 for their rows, 1 for the heads, by mlx_moe.parallel.attention's
+    thresholds on this device (the CPU: from 16 tokens; a GPU: only the
+    heads, from 4096)."""
+    rows = 4 if attention.MIN_ROWS is not None and tokens >= attention.MIN_ROWS else 0
+    return rows + (1 if tokens >= max(attention.MIN_QUERIES, attention.MIN_KEYS) else 0)
 
 
 def launch(worker: str, spec: dict, n: int, tmp_path: Path, timeout: float = 600):

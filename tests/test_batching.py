@@ -202,7 +202,7 @@ def killed_rank_ends_every_stream(model_path, *extra):
     proc, port, url = _serve(model_path, "--max-concurrency", "8", *extra)
     try:
         wait_ready(url, proc)
-        victim = _rank_pid(f"--port {port}", 1)
+        victim = _rank_pid(f"--port {port}", 1, url)
         with ThreadPoolExecutor(8) as pool:  # each has its first token when it returns
             streams = list(pool.map(lambda _: _streaming(url, model_path), range(8)))
         os.kill(victim, signal.SIGKILL)

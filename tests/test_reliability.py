@@ -30,8 +30,16 @@ def model_path(checkpoint):
     return checkpoint("qwen3_moe", quantize=4)
 
 
-def _rank_pid(marker, rank):
-    """The pid of rank `rank` among the processes whose command line has `marker`."""
+def _rank_pid(marker, rank, url=None):
+    """The pid of rank `rank` among the processes whose command line has
+    `marker`: found by its environment in /proc, or where there is no /proc
+    (macOS), the one the server at `url` reports."""
+    if not Path("/proc/self").exists():
+        assert url, "no /proc to read the ranks' environments: give the server's URL"
+        with urllib.request.urlopen(url + "/v1/status", timeout=30) as r:
+            pid = json.load(r)["cluster"]["ranks"][rank]["pid"]
+        assert pid in _processes_with(marker), (pid, marker)
+        return pid
     for pid in _processes_with(marker):
         try:
             env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
@@ -129,7 +137,7 @@ def _kill_rank_1(model_path, streaming: bool):
     marker = f"--port {port}"
     try:
         wait_ready(url, proc)
-        victim = _rank_pid(marker, 1)
+        victim = _rank_pid(marker, 1, url)
         if streaming:
             t, result = _streaming(url, model_path)
         os.kill(victim, signal.SIGKILL)
@@ -154,7 +162,7 @@ def test_stalled_rank_is_caught_by_the_watchdog(model_path):
     marker = f"--port {port}"
     try:
         wait_ready(url, proc)
-        victim = _rank_pid(marker, 1)  # found first: the stream must still be running when it stops
+        victim = _rank_pid(marker, 1, url)  # found first: the stream must still be running when it stops
         t, result = _streaming(url, model_path)
         os.kill(victim, signal.SIGSTOP)
         stopped = time.monotonic()

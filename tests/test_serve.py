@@ -31,7 +31,13 @@ def _start(model, port, *extra):
 
 
 def _processes_with(marker: str):
-    """PIDs whose command line contains `marker`."""
+    """PIDs whose command line contains `marker` (from /proc, or from ps
+    where there is no /proc, as on macOS)."""
+    if not Path("/proc/self").exists():
+        out = subprocess.run(["ps", "-A", "-ww", "-o", "pid=,command="], capture_output=True, text=True,
+                             check=True).stdout
+        return [int(pid) for pid, _, command in (line.strip().partition(" ") for line in out.splitlines())
+                if marker in command]
     found = []
     for d in Path("/proc").iterdir():
         if d.name.isdigit():
@@ -209,6 +215,9 @@ def test_sigterm_stops_every_process(model_path):
     try:
         wait_ready(f"http://127.0.0.1:{port}", proc)
         assert len(_processes_with(marker)) >= 3  # the command, mlx.launch, two ranks
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/status", timeout=30) as r:
+            pids = [rank["pid"] for rank in json.load(r)["cluster"]["ranks"]]
+        assert len(pids) == 2 and set(pids) <= set(_processes_with(marker)), pids
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
         assert _processes_with(marker) == []

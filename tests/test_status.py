@@ -4,6 +4,7 @@ heatmap has one cell per layer and rank, and is really drawn); then the
 page of a real two-rank `mlx-moe serve` after a few requests."""
 
 import json
+import os
 import re
 import shutil
 import socket
@@ -112,12 +113,15 @@ def serve():
         thread.join(timeout=30)
 
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+MAC_APPS = ["/Applications/Chromium.app/Contents/MacOS/Chromium",
+            "/Applications/Google Chrome.app/Contents/MacOS/Google Chrome"]
+CHROMIUM = (shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+            or next((p for p in MAC_APPS if os.path.exists(p)), None))
 
 
 def chromium(tmp_path, url, *action):
     if CHROMIUM is None:
-        pytest.skip("no Chromium: apt-get install -y chromium")
+        pytest.skip("no Chromium or Chrome for headless page tests (Debian: apt-get install -y chromium)")
     profile = tmp_path / f"profile-{len(list(tmp_path.iterdir()))}"
     cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
            "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={profile}",

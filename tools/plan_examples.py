@@ -27,7 +27,9 @@ from mlx_moe.planner.profiles import PROFILES_FILE, load_profiles, make_hosts  #
 from mlx_moe.checkpoints.headers import header_only_checkpoint, read_local  # noqa: E402
 
 MODELS = [("Qwen3-235B-A22B", "qwen3-235b-a22b"), ("DeepSeek-V3", "deepseek-v3")]
-# exo tensor parallel over RDMA on M3 Ultras, decode tok/s on 1 / 2 / 4 nodes (shared/FIELD_NOTES.md).
+# exo tensor parallel over RDMA on M3 Ultras, decode tok/s on 1 / 2 / 4 nodes, from Jeff Geerling's charts
+# (https://www.jeffgeerling.com/blog/2025/15-tb-vram-on-mac-studio-rdma-over-thunderbolt-5, also in
+# https://github.com/exo-explore/exo#benchmarks; DeepSeek's are labelled V3.1 there).
 EXO = {("Qwen3-235B-A22B", 8): {1: 19.5, 2: 26.2, 4: 31.9}, ("DeepSeek-V3", 8): {1: 21.1, 2: 27.8, 4: 32.5}}
 # The one published point the Apple chips' per-op cost is fitted to.
 FIT = ("Qwen3-235B-A22B", 8, 19.5)

@@ -53,9 +53,10 @@ def main(argv=None):
 
 
 def describe_ranks(model, available, group) -> list:
-    """Every rank's host, the bytes its shard holds, the memory its host had
-    for it (before loading) and has left: one all_gather, at start."""
-    mine = {"host": socket.gethostname(), "memory_bytes": param_bytes(model),
+    """Every rank's host and process id, the bytes its shard holds, the
+    memory its host had for it (before loading) and has left: one
+    all_gather, at start."""
+    mine = {"host": socket.gethostname(), "pid": os.getpid(), "memory_bytes": param_bytes(model),
             "memory_total_bytes": available, "free_bytes": available_bytes()}
     return exchange(mine, group)
 
@@ -129,7 +130,7 @@ def serve(argv=None):
 
         plan = str(model.sharding_plan)
         print(plan, file=sys.stderr, flush=True)
-        hosts = [{k: r[k] for k in ("host", "memory_bytes", "memory_total_bytes")} for r in ranks]
+        hosts = [{k: r[k] for k in ("host", "pid", "memory_bytes", "memory_total_bytes")} for r in ranks]
         app = create_app(engine, args.model, context_length(model, args.max_context), plan,
                          api_key=os.environ.get("MLX_MOE_API_KEY"),
                          control_token=os.environ.get("MLX_MOE_CONTROL_TOKEN"),
