@@ -24,7 +24,7 @@ import oracle
 from conftest import launch
 from mlx_moe.cluster.launch import stop_group, wait_ready
 from test_metrics import samples, value
-from test_reliability import _finish, _finished, _rank_pid, _serve, _streaming
+from test_reliability import _finish, _finished, _rank_pid, _serve, _streams, no_eos
 import test_serve
 from test_serve import _chat
 
@@ -69,15 +69,11 @@ def _poll(url, name, want, timeout=60):
 
 
 @functools.lru_cache(maxsize=None)
-def _no_eos(model_path):
-    return {str(t): -100 for t in load_tokenizer(Path(model_path)).eos_token_ids}
-
-
 def _running_stream(url, model_path, prompt):
     """A long streamed completion (end-of-sequence banned) once its first
     token has come: it is in the batch, and stays there until closed."""
     stream = _client(url).completions.create(model=str(model_path), prompt=prompt, max_tokens=CONTEXT,
-                                             temperature=0, stream=True, logit_bias=_no_eos(model_path))
+                                             temperature=0, stream=True, logit_bias=no_eos(str(model_path)))
     chunks = iter(stream)
     assert next(chunks).choices[0].finish_reason is None
     return stream, chunks
@@ -154,7 +150,7 @@ def test_a_client_that_goes_away_frees_its_place(server, model_path):
     # The same for a plain (not streamed) request.
     conn = http.client.HTTPConnection(server.removeprefix("http://"), timeout=60)
     conn.request("POST", "/v1/completions", json.dumps(
-        {"model": str(model_path), "prompt": "The river", "max_tokens": CONTEXT, "logit_bias": _no_eos(model_path)}),
+        {"model": str(model_path), "prompt": "The river", "max_tokens": CONTEXT, "logit_bias": no_eos(str(model_path))}),
         {"Content-Type": "application/json"})
     _poll(server, "mlx_moe_requests_running", 1)
     conn.close()
@@ -203,8 +199,7 @@ def killed_rank_ends_every_stream(model_path, *extra):
     try:
         wait_ready(url, proc)
         victim = _rank_pid(f"--port {port}", 1, url)
-        with ThreadPoolExecutor(8) as pool:  # each has its first token when it returns
-            streams = list(pool.map(lambda _: _streaming(url, model_path), range(8)))
+        streams = _streams(url, model_path, 8)
         os.kill(victim, signal.SIGKILL)
         for t, result in streams:
             t.join(60)

@@ -11,9 +11,10 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 import oracle
-from test_batching import (CONTEXT, QUESTIONS, THREE_RANKS, _client, _no_eos, _scrape, killed_rank_ends_every_stream,
+from test_batching import (CONTEXT, QUESTIONS, THREE_RANKS, _client, _scrape, killed_rank_ends_every_stream,
                            serving)
 from test_metrics import value
+from test_reliability import no_eos
 from test_serve import _chat
 
 
@@ -74,7 +75,7 @@ def _kv_while_running(url, model_path, streams: int, prompt_tokens: int) -> list
 
     def start(tokens):
         stream = _client(url).completions.create(model=str(model_path), prompt=tokens, max_tokens=CONTEXT,
-                                                 temperature=0, stream=True, logit_bias=_no_eos(model_path))
+                                                 temperature=0, stream=True, logit_bias=no_eos(str(model_path)))
         chunks = iter(stream)
         next(chunks)
         return stream

@@ -2,6 +2,8 @@
 every case with real processes and a time bound."""
 
 import contextlib
+from concurrent.futures import ThreadPoolExecutor
+import functools
 import json
 import os
 import signal
@@ -50,15 +52,32 @@ def _rank_pid(marker, rank, url=None):
     raise AssertionError(f"no rank {rank} process for {marker}")
 
 
-def _stream_until_error(url, model, started: threading.Event, seen: list, max_tokens=100000):
-    """Stream a long completion, appending each chunk's finish_reason to
-    `seen`; return the error message that ended it, or None. End-of-sequence
-    is banned: the tiny model outpaces the test and could finish first."""
+@functools.lru_cache(maxsize=None)
+def no_eos(model) -> dict:
+    """A logit_bias that bans end-of-sequence. Read once: 8 threads loading
+    the tokenizer together under a CPU hog took minutes (seen: 200 s)."""
+    return {str(t): -100 for t in load_tokenizer(Path(model)).eos_token_ids}
+
+
+def _open_stream(url, model, max_tokens=100000):
+    """A long streamed completion, sent: the server has answered with its
+    headers (the request is queued). End-of-sequence is banned: the tiny
+    model outpaces the test and could finish first. An error is returned."""
     client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
-    no_eos = {str(t): -100 for t in load_tokenizer(Path(model)).eos_token_ids}
     try:
-        for chunk in client.completions.create(model=str(model), prompt="The river", max_tokens=max_tokens,
-                                               temperature=0, stream=True, logit_bias=no_eos):
+        return client.completions.create(model=str(model), prompt="The river", max_tokens=max_tokens,
+                                         temperature=0, stream=True, logit_bias=no_eos(model))
+    except (openai.APIError, openai.APIConnectionError) as e:
+        return str(e)
+
+
+def _read_until_error(stream, started: threading.Event, seen: list):
+    """Read `stream`, appending each chunk's finish_reason to `seen`; the
+    error message that ended it, or None."""
+    if isinstance(stream, str):
+        return stream
+    try:
+        for chunk in stream:
             seen.append(chunk.choices[0].finish_reason if chunk.choices else None)
             started.set()
         return None
@@ -66,14 +85,29 @@ def _stream_until_error(url, model, started: threading.Event, seen: list, max_to
         return str(e)
 
 
+def _streams(url, model, n: int):
+    """n long streams, each read in a thread, once each has its first token:
+    [(thread, result dict with the finish reasons "seen" and, once it ends,
+    "error")]. All n are sent before any is read: a thread reading a stream
+    at full speed can hold this process's share of a loaded CPU for longer
+    than the wait below (seen under a CPU hog: a request sent 200 s late)."""
+    with ThreadPoolExecutor(n) as pool:
+        opened = list(pool.map(lambda _: _open_stream(url, model), range(n)))
+    out = []
+    for stream in opened:
+        started, result = threading.Event(), {"seen": []}
+        t = threading.Thread(target=lambda s=stream, e=started, r=result: r.update(
+            error=_read_until_error(s, e, r["seen"])))
+        t.start()
+        out.append((t, result, started))
+    for _, result, started in out:
+        assert started.wait(60), f"no token streamed: {result.get('error')}"
+    return [(t, result) for t, result, _ in out]
+
+
 def _streaming(url, model):
-    """A long stream running in a thread, once its first token has arrived:
-    (thread, result dict with the finish reasons "seen" and, once it ends, "error")."""
-    started, result = threading.Event(), {"seen": []}
-    t = threading.Thread(target=lambda: result.update(error=_stream_until_error(url, model, started, result["seen"])))
-    t.start()
-    assert started.wait(60), "no token streamed"
-    return t, result
+    """One long stream running in a thread, once its first token has arrived (see _streams)."""
+    return _streams(url, model, 1)[0]
 
 
 def _finished(result) -> bool:
@@ -125,7 +159,7 @@ def cpu_hog():
 # Under load the client can read its first chunk seconds after the server
 # wrote it (seen: 11.7 s, by which time the whole answer had been generated
 # and buffered), so the streamed answer cannot end by itself: see
-# _stream_until_error.
+# _open_stream.
 @pytest.mark.parametrize("when", ["mid-generation", "idle", "mid-generation under a CPU hog"])
 def test_killed_rank_stops_the_cluster_with_a_message(model_path, when):
     with cpu_hog() if "hog" in when else contextlib.nullcontext():
