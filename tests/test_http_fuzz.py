@@ -59,6 +59,8 @@ values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=
 fields = ["model", "messages", "prompt", "max_tokens", "max_completion_tokens", "temperature", "top_p",
           "seed", "stop", "logit_bias", "stream", "stream_options", "n", "user", "tools", "tool_choice",
           "parallel_tool_calls", "chat_template_kwargs", "reasoning_effort", "response_format",
+          "logprobs", "top_logprobs", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty",
+          "stop_token_ids",
           # Anthropic's
           "system", "stop_sequences", "top_k", "thinking", "output_config", "metadata"]
 calls = st.lists(st.fixed_dictionaries({"id": st.text(max_size=5), "type": st.just("function"), "function":
