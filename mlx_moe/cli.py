@@ -150,11 +150,16 @@ def _launch(args, argv, notify=None, on_progress=None):
     return rc
 
 
-def _serve_argv(args):
-    argv = ["-m", "mlx_moe.serve.rank", "--model", args.model, "--host", args.host,
-            "--port", str(args.port), "--strategy", args.strategy, *_placement_argv(args)]
+def _rank_argv(module, args, *extra):
+    """A rank program's command line: the model and sharding options every rank program takes, then `extra`."""
+    argv = ["-m", module, "--model", args.model, "--strategy", args.strategy, *_placement_argv(args), *extra]
     if args.max_collective_bytes:
         argv += ["--max-collective-bytes", str(args.max_collective_bytes)]
+    return argv
+
+
+def _serve_argv(args):
+    argv = _rank_argv("mlx_moe.serve.rank", args, "--host", args.host, "--port", str(args.port))
     for flag in ("max_context", "watchdog_timeout", "max_body_bytes", "max_concurrency", "max_queue",
                  "prefill_step_size", "prompt_cache_bytes", "attention"):
         if getattr(args, flag, None) is not None:
@@ -224,11 +229,8 @@ def _relay_progress(post):
 
 
 def cmd_generate(args):
-    argv = ["-m", "mlx_moe.generate", "--model", args.model, "--prompt", args.prompt,
-            "--max-tokens", str(args.max_tokens), "--strategy", args.strategy, *_placement_argv(args)]
-    if args.max_collective_bytes:
-        argv += ["--max-collective-bytes", str(args.max_collective_bytes)]
-    return _launch(args, argv)
+    return _launch(args, _rank_argv("mlx_moe.generate", args, "--prompt", args.prompt,
+                                    "--max-tokens", str(args.max_tokens)))
 
 
 def _post(url, body):
