@@ -87,12 +87,17 @@ def _ask_all(url, model_path):
     def ask(i, q):
         answers[q] = _chat(_client(url), model_path, q, stream=i % 2 == 1, max_tokens=16 + i % 9)[0]
 
-    threads = [threading.Thread(target=ask, args=(i, q)) for i, q in enumerate(QUESTIONS)]
+    in_threads(ask, enumerate(QUESTIONS))
+    return answers
+
+
+def in_threads(target, arguments, timeout: float = 300) -> None:
+    """`target(*args)` for each of `arguments`, all at once, each thread waited for up to `timeout`."""
+    threads = [threading.Thread(target=target, args=tuple(a)) for a in arguments]
     for t in threads:
         t.start()
     for t in threads:
-        t.join(300)
-    return answers
+        t.join(timeout)
 
 
 def _assert_single_process_answers(answers, model_path):

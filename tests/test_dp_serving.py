@@ -5,14 +5,13 @@ leaving mid-batch; the KV cache per rank is about half the replicated
 mode's; a killed rank ends every stream naming it; auto keeps a single
 stream replicated."""
 
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 import oracle
-from test_batching import (CONTEXT, QUESTIONS, THREE_RANKS, _client, _scrape, killed_rank_ends_every_stream,
-                           serving)
+from test_batching import (CONTEXT, QUESTIONS, THREE_RANKS, _client, _scrape, in_threads,
+                           killed_rank_ends_every_stream, serving)
 from test_metrics import value
 from test_reliability import no_eos
 from test_serve import _chat
@@ -35,11 +34,7 @@ def _ask_in_waves(url, model_path, questions, clients):
             answers[questions[i]] = (_chat(_client(url), model_path, questions[i], stream=i % 2 == 0,
                                            max_tokens=n)[0], n)
 
-    threads = [threading.Thread(target=ask, args=(c,)) for c in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(300)
+    in_threads(ask, [(c,) for c in range(clients)])
     return answers
 
 
