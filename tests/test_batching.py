@@ -193,6 +193,23 @@ def test_a_full_queue_answers_429(model_path):
         assert value(_scrape(url), "mlx_moe_requests_total", endpoint="/v1/completions", status="429") == 2
 
 
+def test_the_prompts_of_one_request_join_the_batch_together_or_not_at_all():
+    """A request's prompts are queued at once (a plan between them would make
+    the late ones left-pad to the others' progress), and a queue without room
+    for all takes none."""
+    from mlx_moe.serve.engine import Job, StopMatcher
+    from mlx_moe.serve.scheduler import QueueFull, Scheduler
+
+    scheduler = Scheduler(None, StopMatcher, max_running=4, max_waiting=3)
+    jobs = [Job(prompt=[1, 2 + i], max_tokens=4) for i in range(4)]
+    with pytest.raises(QueueFull, match="this one brings 4"):
+        scheduler.submit(*jobs)
+    assert not scheduler.waiting
+    scheduler.submit(*jobs[:3])
+    plan = scheduler.plan(0)
+    assert [spec["prompt"] for spec in plan["add"]] == [[1, 2], [1, 3], [1, 4]]
+
+
 def test_killed_rank_ends_every_stream_of_the_batch(model_path):
     killed_rank_ends_every_stream(model_path, "--attention", "replicated")
 

@@ -38,10 +38,11 @@ class InstantEngine:
     def stalled_for(self):
         return 0.0
 
-    def submit(self, job):
-        job.emit(("text", "ok"))
-        job.emit(("done", "stop", {"prompt_tokens": len(job.prompt), "completion_tokens": 1,
-                                   "total_tokens": len(job.prompt) + 1}))
+    def submit(self, *jobs):
+        for job in jobs:
+            job.emit(("text", "ok"))
+            job.emit(("done", "stop", {"prompt_tokens": len(job.prompt), "completion_tokens": 1,
+                                       "total_tokens": len(job.prompt) + 1}))
 
 
 @pytest.fixture(scope="module")

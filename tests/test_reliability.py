@@ -374,3 +374,31 @@ def test_32_streaming_clients_times_4_requests_all_answered(model_path):
             assert h.status == 200
     finally:
         stop_group(proc)
+
+
+def test_watchdog_limit_follows_the_slowest_recent_step():
+    """A loaded machine's long steps raise the limit (no false stall); the
+    window forgets them; a wait for a request (rank 0, not waiting on the
+    cluster) never counts."""
+    from mlx_moe.serve.progress import Progress
+
+    now = [0.0]
+    p = Progress(60, margin=4, window=3, clock=lambda: now[0])
+    assert p.limit() == 60 and p.stalled_for() == 0
+    now[0] = 500.0  # idle, not waiting: neither a stall nor a step
+    p.tick()
+    assert p.limit() == 60
+    p.waiting = True
+    for gap in (1.0, 70.0, 2.0):  # one 70 s prompt chunk among fast steps
+        now[0] += gap
+        p.tick()
+    assert p.limit() == 60 + 4 * 70
+    now[0] += 200  # as long a wait as that chunk may take again under load
+    assert p.stalled_for() == 200 and p.stalled_for() < p.limit()
+    p.tick()
+    for _ in range(3):
+        now[0] += 1.0
+        p.tick()
+    assert p.limit() == 64  # the slow chunk left the window
+    now[0] += 65
+    assert p.stalled_for() > p.limit()

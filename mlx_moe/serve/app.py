@@ -156,27 +156,25 @@ def create_app(engine: Engine, model_id: str, context_length: int, plan_text: st
 
     def start(job: Job):
         """Queue the job (429 if the queue is full); its events, as they come."""
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
-        job.emit = metrics.track(lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
-        try:
-            engine.submit(job)
-        except QueueFull as e:
-            job.emit.refused()
-            raise APIError(429, str(e), type="rate_limit_error", code="queue_full",
-                           headers={"Retry-After": str(RETRY_AFTER)})
-        return _events(job, events)
+        return start_all([job])[0]
 
     def start_all(jobs: List[Job]):
-        streams = []
+        """Queue the jobs together, to join the batch in one step, or none
+        (429 if the queue has no room for all); each one's events."""
+        loop = asyncio.get_running_loop()
+        queues = []
+        for job in jobs:
+            events: asyncio.Queue = asyncio.Queue()
+            job.emit = metrics.track(lambda event, q=events: loop.call_soon_threadsafe(q.put_nowait, event))
+            queues.append(events)
         try:
+            engine.submit(*jobs)
+        except QueueFull as e:
             for job in jobs:
-                streams.append(start(job))
-        except APIError:
-            for job in jobs[:len(streams)]:  # queued already: their streams never started
-                engine.cancel(job)
-            raise
-        return streams
+                job.emit.refused()
+            raise APIError(429, str(e), type="rate_limit_error", code="queue_full",
+                           headers={"Retry-After": str(RETRY_AFTER)})
+        return [_events(job, events) for job, events in zip(jobs, queues)]
 
     async def _events(job: Job, events: asyncio.Queue):
         ended = False

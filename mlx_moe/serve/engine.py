@@ -38,6 +38,7 @@ from ..patches import settled_clear_cache
 from ..sampling import request_sampler
 from .homes import FINISH, Members, Placement, SlotModel
 from .prefix_cache import PrefixCache
+from .progress import Progress
 from .scheduler import Scheduler, exchange
 from .structured import Grammars
 
@@ -134,8 +135,9 @@ class Engine:
     `max_queue` waiting, else QueueFull) and runs up to `max_concurrency` at
     once; when idle it sends a ping plan every `heartbeat` seconds so every
     rank keeps seeing the cluster alive. A watchdog stops the process when
-    the cluster makes no progress for `watchdog` seconds while this rank is
-    waiting on it (a stalled or lost rank), instead of spinning forever."""
+    the cluster makes no progress for `watchdog` seconds (plus a margin for
+    slow steps, progress.py) while this rank is waiting on it (a stalled or
+    lost rank), instead of spinning forever."""
 
     def __init__(self, model, tokenizer, group, heartbeat: float = 5.0, watchdog: float = 60.0,
                  max_concurrency: int = 16, max_queue: int = 64, prefill_step_size: int = 512,
@@ -145,7 +147,8 @@ class Engine:
         if attention != "replicated":
             data_parallel.enable(model, group)
         # The model as the generator calls it: in data-parallel steps each forward joins a slot.
-        self.slots = SlotModel(model, group, max_concurrency)
+        self.progress = Progress(watchdog)
+        self.slots = SlotModel(model, group, max_concurrency, tick=self.progress.tick)
         self.members = Members()  # this rank's sequences
         self.placement = Placement(group.size(), attention, room=max_concurrency)  # rank 0's
         self.kv_bytes = [0] * group.size()  # KV cache bytes per rank, after the last step (rank 0)
@@ -164,15 +167,15 @@ class Engine:
         self.on_failure = lambda reason: os._exit(3)
         # After each step (rank 0): (running, waiting, sequences decoded, KV cache bytes).
         self.on_step = lambda running, waiting, decoded, kv_bytes: None
-        self._progress = time.monotonic()
-        self._waiting = False  # inside a collective or a step
         self._done = False
 
-    def submit(self, job: Job) -> None:
+    def submit(self, *jobs: Job) -> None:
+        """Queue jobs that join the batch together (Scheduler.submit)."""
         if self.failure:
-            job.emit(("error", self.failure))
+            for job in jobs:
+                job.emit(("error", self.failure))
             return
-        self.scheduler.submit(job)
+        self.scheduler.submit(*jobs)
 
     def cancel(self, job: Job) -> None:
         """Its client went away: it leaves the batch at the next step."""
@@ -205,19 +208,17 @@ class Engine:
 
     def stalled_for(self) -> float:
         """Seconds this rank has waited on the cluster without progress."""
-        return time.monotonic() - self._progress if self._waiting else 0.0
-
-    def _tick(self, *_) -> None:
-        self._progress = time.monotonic()
+        return self.progress.stalled_for()
 
     def _watch(self) -> None:
         while self.failure is None and not self._done:
             # Last resort if a native call holds the GIL through a stall, so
             # this thread cannot run: dump every thread's stack and exit.
-            faulthandler.dump_traceback_later(self.watchdog * 2 + 10, exit=True)
+            limit = self.progress.limit()
+            faulthandler.dump_traceback_later(limit * 2 + 10, exit=True)
             time.sleep(min(1.0, self.watchdog / 4))
-            stalled = time.monotonic() - self._progress
-            if self._waiting and stalled > self.watchdog:
+            stalled = self.progress.stalled_for()
+            if stalled > limit:
                 self.fail(f"no progress from the cluster for {stalled:.0f} s: "
                           "a rank is stalled or unreachable; stopping")
         faulthandler.cancel_dump_traceback_later()
@@ -259,13 +260,13 @@ class Engine:
         False once rank 0 says stop."""
         plan = None
         if self.rank == 0:
-            self._waiting = False  # it may wait for a request now, not for the cluster
+            self.progress.waiting = False  # it may wait for a request now, not for the cluster
             plan = self.scheduler.plan(self.heartbeat)
             self.placement.place(plan)
-        self._tick()
-        self._waiting = True
+        self.progress.tick()
+        self.progress.waiting = True
         plan = exchange(plan, self.group)
-        self._tick()
+        self.progress.tick()
         if plan["op"] == "shutdown":
             self._done = True
             return False
@@ -276,7 +277,7 @@ class Engine:
             bound_prefill(generator, self.prefill_step_size)
         with self.slots.step(dp):
             responses = generator.next()[1] if live else []
-        self._tick()
+        self.progress.tick()
         rids = [self.members.rid_of[r.uid] for r in responses]
         for r, rid in zip(responses, rids):
             if r.finish_reason:
@@ -293,7 +294,7 @@ class Engine:
             if self.rank == 0:
                 # Rank 0's own keep their log-probs; the others' come from their homes.
                 responses += [o for o in others if self.placement.homes.get(o.uid, 0) != 0]
-        self._tick()
+        self.progress.tick()
         if self.rank == 0:
             for r in responses:
                 active = self.scheduler.running.get(r.uid)

@@ -48,8 +48,9 @@ class SlotModel:
     """The model, for one rank's BatchGenerator in data-parallel steps:
     every forward takes part in a slot (see the module's doc)."""
 
-    def __init__(self, model, group, rows: int):
+    def __init__(self, model, group, rows: int, tick=lambda: None):
         self.model, self.group, self.rows = model, group, rows
+        self.tick = tick  # every rank met: the watchdog's progress
         self.data_parallel = False  # this step's mode, set by the engine
 
     def __getattr__(self, name):  # make_cache, layers, args: the model's
@@ -85,6 +86,7 @@ class SlotModel:
             if responses:
                 msg[HEADER:HEADER + ROW * len(responses)] = np.array(responses, np.int32).reshape(-1)
         got = np.array(comm.all_gather(mx.array(msg)[None], self.group))
+        self.tick()
         return got[:, 0].tolist(), got
 
     @contextlib.contextmanager

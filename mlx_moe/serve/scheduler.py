@@ -88,12 +88,16 @@ class Scheduler:
         self.joining: list = []  # jobs of the last plan, in its order
         self.stopping = False
 
-    def submit(self, job) -> None:
+    def submit(self, *jobs) -> None:
+        """Queue `jobs` together, so that they join the batch in one step
+        (a late joiner would cost a prompt batch left padding as long as
+        the others' progress), or none of them: QueueFull."""
         with self.cond:
-            if len(self.waiting) >= self.max_waiting:
-                raise QueueFull(f"The server is busy: {len(self.waiting)} requests are already waiting. "
-                                "Retry later.")
-            self.waiting.append(job)
+            if len(self.waiting) + len(jobs) > self.max_waiting:
+                raise QueueFull(f"The server is busy: {len(self.waiting)} requests are already waiting"
+                                + (f" and this one brings {len(jobs)}" if len(jobs) > 1 else "")
+                                + f" (at most {self.max_waiting} wait). Retry later.")
+            self.waiting.extend(jobs)
             self.cond.notify()
 
     def cancel(self, job) -> None:
