@@ -52,6 +52,9 @@ class Metrics:
         self.kv_cache_bytes = Gauge("mlx_moe_kv_cache_bytes", "Bytes of the batch's KV caches on a rank "
                                     "(with data-parallel attention each holds its own requests')", ["rank"],
                                     registry=r)
+        self.kv_cache_peak_bytes = Gauge("mlx_moe_kv_cache_peak_bytes", "The most bytes of KV caches a rank "
+                                         "has held after a step since the server started", ["rank"], registry=r)
+        self.kv_peak = {}  # rank -> the gauge's value
         self.engine = engine
         engine.on_step = self.step
         r.register(ExpertLoadCollector(engine))
@@ -62,6 +65,9 @@ class Metrics:
         self.waiting.set(waiting)
         for rank, held in enumerate(self.engine.kv_bytes):
             self.kv_cache_bytes.labels(str(rank)).set(held)
+            if held > self.kv_peak.get(rank, -1):
+                self.kv_peak[rank] = held
+                self.kv_cache_peak_bytes.labels(str(rank)).set(held)
         if decoded:
             self.batch_size.observe(decoded)
 
