@@ -5,10 +5,10 @@ exchange, each data-parallel slot, the end of a step). A rank that waits
 longer than its limit without a tick stops the cluster: a peer is stalled
 or unreachable. The limit is the configured timeout plus SLOW_MARGIN times
 the longest wait between ticks of the last WINDOW ones, so a machine that
-is slow (a long prompt chunk on a loaded CPU: a 512-token chunk of 16
-prompts took over 60 s here under 4x oversubscription) raises its own
-limit instead of being mistaken for a stalled one, while a cluster of fast
-steps still finds a stopped rank within about the timeout.
+is slow (a step reading a 512-token chunk on each of 2 ranks takes ~12 s
+on this 2-core CPU when quiet, so about 60 s at 4x oversubscription) raises
+its own limit instead of being mistaken for a stalled one, while a cluster
+of fast steps still finds a stopped rank within about the timeout.
 """
 
 import time
@@ -27,7 +27,7 @@ class Progress:
         self.gaps = deque(maxlen=window)
         self.longest = 0.0  # max(gaps), kept as one float for the watchdog thread
 
-    def tick(self, *_) -> None:
+    def tick(self) -> None:
         """The cluster moved (every rank met here)."""
         now = self.clock()
         if self.waiting:
