@@ -340,7 +340,8 @@ def main(argv=None):
                         "(default: $MLX_MOE_API_KEY, else no key)")
     s.add_argument("--watchdog-timeout", type=float, default=60.0,
                    help="stop the cluster when it makes no progress for this many seconds, plus 4x the "
-                        "longest of its last 64 steps (a loaded machine is slow, not stalled) (default: 60)")
+                        "longest of its last 64 steps (a loaded machine is slow, not stalled); the wait "
+                        "grows with slow steps up to 4x this timeout (default: 60)")
     s.add_argument("--max-body-bytes", type=int, default=None,
                    help="largest request body accepted (default: 4 MiB)")
     s.add_argument("--max-concurrency", type=int, default=None,

@@ -4,12 +4,12 @@ runs the same generation in lockstep; rank 0 prints the text as it comes."""
 import argparse
 import sys
 
-import mlx.core as mx
 from mlx_lm import stream_generate
 
 from .parallel import comm
 from .loader import load_sharded
 from .cluster.failures import exit_failed
+from .cluster.launch import init_world
 from .parallel.placement import resolve
 
 
@@ -25,7 +25,7 @@ def main(argv=None):
     p.add_argument("--raw", action="store_true", help="do not apply the chat template")
     args = p.parse_args(argv)
 
-    group = mx.distributed.init()
+    group = init_world()
     placement = resolve(args.placement, args.expert_load, group.size())
     model, tokenizer = load_sharded(args.model, group, args.strategy, placement=placement,
                                     max_collective_bytes=args.max_collective_bytes)

@@ -191,6 +191,23 @@ def _kill_rank_1(model_path, streaming: bool):
         stop_group(proc)
 
 
+def test_rank0_exits_only_once_the_error_is_written():
+    """A response that takes its error (open_responses reaches 0) but writes
+    it late, as on a loaded machine: rank 0 still delivers it, and closes
+    the connection, before it exits."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(WORKERS / "slow_flush_worker.py"), str(port)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=30) as r:
+            assert r.read() == b"first\nerror\n"
+        assert proc.wait(30) == 3
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def test_stalled_rank_is_caught_by_the_watchdog(model_path):
     proc, port, url = _serve(model_path, "--watchdog-timeout", "5")
     marker = f"--port {port}"
@@ -376,11 +393,34 @@ def test_32_streaming_clients_times_4_requests_all_answered(model_path):
         stop_group(proc)
 
 
+@pytest.mark.parametrize("error, lost", [
+    # What mlx 0.32 raises (ring: seen when a peer is SIGKILLed; JACCL: from its source).
+    (RuntimeError("[ring] connection to a peer was lost"), True),
+    (ValueError("[jaccl] Send failed with error code 12"), True),
+    (ValueError("[jaccl] Recv failed with error code 110"), True),
+    (RuntimeError("[jaccl] Recv failed with errno=54"), True),
+    # Near misses: this rank's own errors.
+    (RuntimeError("[ring] sum_scatter not supported."), False),
+    (RuntimeError("[ring] Recv only supported from direct neighbors but tried to recv from 2 to 0\n"), False),
+    (RuntimeError("[jaccl] Unsupported dtype for JACCL operation"), False),
+    (RuntimeError("rank 1 loaded a different plan than its peer"), False),
+    (RuntimeError("[metal::malloc] Attempting to allocate 9 bytes; the peer was lost"), False),
+    (RuntimeError("[ring] connection to a peer was lost, then found"), False),
+    (ValueError("[ring] connection to a peer was lost"), False),
+    (RuntimeError("[jaccl] Send failed with error code 12"), False),  # mlx raises it as a ValueError
+])
+def test_lost_peer_knows_mlx_own_messages(error, lost):
+    from mlx_moe.cluster.failures import lost_peer
+
+    assert lost_peer(error) is lost
+
+
 def test_watchdog_limit_follows_the_slowest_recent_step():
-    """A loaded machine's long steps raise the limit (no false stall); the
-    window forgets them; a wait for a request (rank 0, not waiting on the
-    cluster) never counts."""
-    from mlx_moe.serve.progress import Progress
+    """A loaded machine's long steps raise the limit (no false stall), up to
+    LIMIT_CAP timeouts (a stall after one very slow step is still found);
+    the window forgets them; a wait for a request (rank 0, not waiting on
+    the cluster) never counts."""
+    from mlx_moe.serve.progress import LIMIT_CAP, Progress
 
     now = [0.0]
     p = Progress(60, margin=4, window=3, clock=lambda: now[0])
@@ -389,12 +429,16 @@ def test_watchdog_limit_follows_the_slowest_recent_step():
     p.tick()
     assert p.limit() == 60
     p.waiting = True
-    for gap in (1.0, 70.0, 2.0):  # one 70 s prompt chunk among fast steps
+    for gap in (1.0, 30.0, 2.0):  # one 30 s prompt chunk among fast steps
         now[0] += gap
         p.tick()
-    assert p.limit() == 60 + 4 * 70
-    now[0] += 200  # as long a wait as that chunk may take again under load
-    assert p.stalled_for() == 200 and p.stalled_for() < p.limit()
+    assert p.limit() == 60 + 4 * 30
+    now[0] += 150  # as long a wait as that chunk may take again under load
+    assert p.stalled_for() == 150 and p.stalled_for() < p.limit()
+    p.tick()
+    assert LIMIT_CAP == 4 and p.limit() == 4 * 60  # not 60 + 4 * 150
+    now[0] += 4 * 60 + 1  # a real stall after the slow step: found at the cap
+    assert p.stalled_for() > p.limit()
     p.tick()
     for _ in range(3):
         now[0] += 1.0

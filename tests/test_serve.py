@@ -24,10 +24,10 @@ MAX_TOKENS = 24
 CONTEXT = 512
 
 
-def _start(model, port, *extra):
+def _start(model, port, *extra, env=None):
     cmd = [sys.executable, "-m", "mlx_moe.cli", "serve", "--hosts", "127.0.0.1,127.0.0.1",
            "--model", str(model), "--port", str(port), *extra]
-    return subprocess.Popen(cmd, stdin=subprocess.PIPE, start_new_session=True)
+    return subprocess.Popen(cmd, stdin=subprocess.PIPE, start_new_session=True, env=env)
 
 
 def _processes_with(marker: str):
@@ -55,11 +55,11 @@ def model_path(checkpoint):
 
 
 @contextlib.contextmanager
-def serving(model_path, *extra):
+def serving(model_path, *extra, env=None):
     """`mlx-moe serve` on two local ranks (unless `extra` says otherwise) on
     a fresh port, until the block ends: its URL."""
     port = free_port()
-    proc = _start(model_path, port, *extra)
+    proc = _start(model_path, port, *extra, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(url, proc)

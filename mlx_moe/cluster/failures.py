@@ -42,10 +42,24 @@ def parse(line: str):
     return (int(m.group(1)), m.group(2).strip()) if m else None
 
 
+# The errors mlx 0.32 raises when a peer went away, exactly: any other error,
+# even one that names the ring or a peer, is this rank's own.
+LOST_PEER = (
+    # ring/ring.cpp, SocketThread::worker: a socket to a neighbour closed or failed 10 times.
+    (RuntimeError, re.compile(r"\[ring\] connection to a peer was lost")),
+    # jaccl/lib/jaccl/rdma.h, Connection::post_send/post_recv (std::invalid_argument): the
+    # queue pair to the peer is broken. JACCL checks no completion, so a peer lost
+    # mid-collective may instead stall it: the watchdog's case.
+    (ValueError, re.compile(r"\[jaccl\] (Send|Recv) failed with error code -?\d+")),
+    # jaccl/lib/jaccl/tcp.cpp, TCPSocket::send/recv: the side channel that connects the ranks.
+    (RuntimeError, re.compile(r"\[jaccl\] (Send|Recv) failed with errno=\d+")),
+)
+
+
 def lost_peer(e: Exception) -> bool:
     """A collective failed because a peer went away (not this rank's fault)."""
-    text = str(e)
-    return isinstance(e, RuntimeError) and any(w in text for w in ("[ring]", "[jaccl]", "peer"))
+    text = str(e).strip()
+    return any(isinstance(e, kind) and pattern.fullmatch(text) for kind, pattern in LOST_PEER)
 
 
 def exit_failed(e: Exception) -> None:

@@ -31,6 +31,19 @@ def mlx_launch() -> str:
     return found
 
 
+def init_world():
+    """mx.distributed.init() in a rank that mlx.launch started, one rank
+    alone included: mlx 0.32's mlx.launch gives a lone rank an empty
+    hostfile, which the ring backend fails to parse; without one, init
+    gives the group of one."""
+    import mlx.core as mx
+
+    hostfile = os.environ.get("MLX_HOSTFILE")
+    if hostfile and Path(hostfile).exists() and not Path(hostfile).read_text().strip():
+        del os.environ["MLX_HOSTFILE"]
+    return mx.distributed.init()
+
+
 def free_port_range(n: int) -> int:
     """A first port p such that p .. p+n-1 are free on 127.0.0.1 right now
     (the ring backend listens on consecutive ports, one per rank)."""

@@ -1,19 +1,24 @@
 """The lockstep engine: every rank runs the same batch of generations, step
 by step; rank 0 decides which requests join and leave and tells the others.
 
-A step, on every rank: one exchange of rank 0's plan (scheduler.exchange:
-one all_sum of 1 KiB, two when the new prompts do not fit), then the same
+A step, on every rank: one exchange (exchange.py: one all_sum of 1 KiB
+plus 4 bytes per running sequence; a second when new prompts do not fit)
+that carries rank 0's plan, applied a step later, then the same
 inserts and removals on mlx-lm's BatchGenerator, then one `next()`: a
 decode step of every running sequence (the expert-parallel model still
 makes one combine per MoE layer, for the whole batch) plus, while new
 prompts are being read, one chunk of at most `prefill_step_size` of their
 tokens (and that chunk's collectives), so a long prompt does not stall the
-running streams. Sampling needs no exchange: every rank samples the same
-token from the same logits with the request's own seeded key, and
-end-of-sequence and max_tokens end a sequence inside the generator
+running streams. Rank 0 samples every replicated sequence (with the
+request's own seeded key, its logits processors and grammar) and the
+others feed the model rank 0's tokens, which travel in the step's exchange
+(exchange.py: inside the graph, so step t+1 is built while step t
+computes), so ranks whose floats differ (mixed Macs) stay in step.
+End-of-sequence and max_tokens then end a sequence inside the generator
 identically everywhere, and so do a request's stop token ids (they are in
 the plan). Stop strings are matched on rank 0, which removes the sequence
-in the next plan. Log-probs are read on rank 0 only.
+in a later plan. Log-probs are read on rank 0 only. Under data-parallel
+attention a request's home rank samples it.
 """
 
 import dataclasses
@@ -39,7 +44,8 @@ from ..sampling import request_sampler
 from .homes import FINISH, Members, Placement, SlotModel
 from .prefix_cache import PrefixCache
 from .progress import Progress
-from .scheduler import Scheduler, exchange
+from .exchange import StepExchange
+from .scheduler import Scheduler
 from .structured import Grammars
 
 
@@ -143,7 +149,9 @@ class Engine:
                  max_concurrency: int = 16, max_queue: int = 64, prefill_step_size: int = 512,
                  prompt_cache_bytes: int = 0, attention: str = "replicated"):
         self.model, self.tokenizer, self.group = model, tokenizer, group
-        self.rank = group.rank()
+        self.rank, self.attention = group.rank(), attention
+        self.exchange = StepExchange(group)
+        self._dp = False  # whether the last step ran data-parallel (its sequences are not replicated)
         if attention != "replicated":
             data_parallel.enable(model, group)
         # The model as the generator calls it: in data-parallel steps each forward joins a slot.
@@ -170,11 +178,8 @@ class Engine:
         self._done = False
 
     def submit(self, *jobs: Job) -> None:
-        """Queue jobs that join the batch together (Scheduler.submit)."""
-        if self.failure:
-            for job in jobs:
-                job.emit(("error", self.failure))
-            return
+        """Queue jobs that join the batch together (Scheduler.submit); once
+        the cluster is lost, each gets the failure as its error."""
         self.scheduler.submit(*jobs)
 
     def cancel(self, job: Job) -> None:
@@ -188,10 +193,14 @@ class Engine:
         """The cluster is lost: end every job, running or waiting, with
         `reason`, refuse new ones, and let `on_failure` stop this rank.
         `error`: this rank's own failure, reported for the launcher to pass on."""
-        if self.failure:
-            return
-        self.failure = reason
-        for job in self.scheduler.drain():
+        # One step under the scheduler's lock: a job submitted meanwhile is
+        # either drained here or refused by the closed scheduler, never left queued.
+        with self.scheduler.cond:
+            if self.failure:
+                return
+            self.failure = reason
+            jobs = self.scheduler.close(reason)
+        for job in jobs:
             job.emit(("error", reason))
         # Logged after the clients are told: stderr is a pipe that may block.
         if error is not None:
@@ -256,8 +265,9 @@ class Engine:
             prefill_step_size=self.prefill_step_size)
 
     def step(self, generator: BatchGenerator, live: set) -> bool:
-        """One lockstep step: exchange the plan, apply it, run the batch.
-        False once rank 0 says stop."""
+        """One lockstep step: issue this step's exchange (rank 0's next plan
+        and the tokens it drew), apply the plan the last one carried, run
+        the batch. False once rank 0 says stop."""
         plan = None
         if self.rank == 0:
             self.progress.waiting = False  # it may wait for a request now, not for the cluster
@@ -265,14 +275,20 @@ class Engine:
             self.placement.place(plan)
         self.progress.tick()
         self.progress.waiting = True
-        plan = exchange(plan, self.group)
+        # Rank 0 drew the replicated sequences' next tokens; every rank feeds
+        # the model those (ranks on different Macs would draw apart at a near tie).
+        batch = generator._generation_batch  # mlx-lm is pinned below 0.33
+        follow = self.group.size() > 1 and not self._dp and len(batch) > 0
+        plan, followed = self.exchange.swap(plan, batch._next_tokens if follow else None)
+        if follow:
+            batch._next_tokens = followed
         self.progress.tick()
         if plan["op"] == "shutdown":
             self._done = True
             return False
         if plan["op"] == "step":
             self._apply(plan, generator, live)
-        dp = plan.get("dp", False)
+        dp = self._dp = plan.get("dp", False)
         if live:
             bound_prefill(generator, self.prefill_step_size)
         with self.slots.step(dp):
@@ -325,14 +341,19 @@ class Engine:
         cached = {}
         if mine:
             reused = [self.prefix.take(r["prompt"], r.get("home", -1) < 0) for r in mine]
-            processors = [self.processors(r) for r in mine]
+            # A replicated request is sampled on rank 0 only, the others follow
+            # it; under auto attention it may move to another rank and be
+            # sampled there, so every rank keeps its key and processors in step.
+            samples = [self.rank == 0 or r.get("home", -1) >= 0 or self.attention == "auto" for r in mine]
+            processors = [self.processors(r) if s else [] for r, s in zip(mine, samples)]
             raw = [self.capture_raw(r, p) for r, p in zip(mine, processors)]
             eos = [[t] for t in self.tokenizer.eos_token_ids]
             uids = generator.insert(
                 [rest for _, rest, _ in reused], max_tokens=[r["max_tokens"] for r in mine],
                 caches=[cache for cache, _, _ in reused],
                 all_tokens=[r["prompt"][:n] for r, (_, _, n) in zip(mine, reused)],
-                samplers=[request_sampler(r) for r in mine], logits_processors=processors,
+                samplers=[request_sampler(r) if s else None for r, s in zip(mine, samples)],
+                logits_processors=processors,
                 stop_sequences=[StopSequences(eos + [[t] for t in r["stop_token_ids"]]) for r in mine])
             live.update(uids)
             cached = {r["id"]: n for r, (_, _, n) in zip(mine, reused)}

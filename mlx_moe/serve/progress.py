@@ -8,7 +8,9 @@ the longest wait between ticks of the last WINDOW ones, so a machine that
 is slow (a step reading a 512-token chunk on each of 2 ranks takes ~12 s
 on this 2-core CPU when quiet, so about 60 s at 4x oversubscription) raises
 its own limit instead of being mistaken for a stalled one, while a cluster
-of fast steps still finds a stopped rank within about the timeout.
+of fast steps still finds a stopped rank within about the timeout. The limit
+is at most LIMIT_CAP times the timeout: after one very slow step (say 60 s),
+a real stall is still found within 4x the timeout, not after ~300 s.
 """
 
 import time
@@ -16,6 +18,7 @@ from collections import deque
 
 SLOW_MARGIN = 4.0
 WINDOW = 64
+LIMIT_CAP = 4.0  # the limit's maximum, in timeouts
 
 
 class Progress:
@@ -41,4 +44,4 @@ class Progress:
 
     def limit(self) -> float:
         """How long a wait may last before the cluster counts as stalled."""
-        return self.timeout + self.margin * self.longest
+        return min(self.timeout + self.margin * self.longest, LIMIT_CAP * self.timeout)

@@ -14,9 +14,8 @@ import sys
 import threading
 import time
 
-import mlx.core as mx
-
 from ..cluster.failures import exit_failed
+from ..cluster.launch import init_world
 from ..cluster.consistency import exchange
 from ..cluster.cores import restore_priority
 from ..cluster.memory import available_bytes
@@ -27,6 +26,7 @@ from .homes import ATTENTION, attention_mode
 
 DEFAULT_PROMPT_CACHE_BYTES = 2 * 2**30  # where the free memory is not known
 FLUSH_WAIT = 5.0  # seconds it gives open responses to deliver their error
+HTTP_STOP_SLACK = 1.0  # uvicorn's own steps around its graceful wait (a tick, a pause, cancelling)
 
 
 def context_length(model, override=None) -> int:
@@ -36,12 +36,19 @@ def context_length(model, override=None) -> int:
     return int(getattr(args, "max_position_embeddings", None) or 4096)
 
 
-def _stop_rank0(engine: Engine, code: int) -> None:
-    """Wait (bounded) for open responses to deliver the failure, then exit."""
+def _stop_rank0(engine: Engine, http, code: int) -> None:
+    """Exit once the open responses have delivered the failure, within
+    FLUSH_WAIT: wait for each to take its error, then stop the HTTP server
+    (`http`: uvicorn's Server and its thread) gracefully, which finishes
+    writing every response and closes its connection (after the bound,
+    uvicorn cancels what is left)."""
     deadline = time.monotonic() + FLUSH_WAIT
     while engine.open_responses > 0 and time.monotonic() < deadline:
         time.sleep(0.05)
-    time.sleep(0.5)  # the last error chunk is on its way to the socket
+    server, thread = http
+    server.config.timeout_graceful_shutdown = max(0.0, deadline - time.monotonic())
+    server.should_exit = True
+    thread.join(server.config.timeout_graceful_shutdown + HTTP_STOP_SLACK)
     os._exit(code)
 
 
@@ -71,8 +78,9 @@ def prompt_cache_bytes(asked, ranks) -> int:
 
 
 def serve_http(args, size: int):
-    """Start rank 0's HTTP server on the loading app (returned: the Switch
-    to hand the real app to); it listens before this returns, or this fails."""
+    """Start rank 0's HTTP server on the loading app; it listens before
+    this returns, or this fails. Returned: the Switch to hand the real app
+    to, and (uvicorn's Server, its thread) to stop it with."""
     import uvicorn
 
     from .loading import Loading, Switch, loading_app
@@ -89,7 +97,7 @@ def serve_http(args, size: int):
     if not server.started:
         raise OSError(f"rank 0 cannot serve HTTP on {args.host}:{args.port} (is the port in use?)")
     log(f"[rank 0] status page and /health on http://{args.host}:{args.port}/ while the ranks load")
-    return switch
+    return switch, (server, thread)
 
 
 def serve(argv=None):
@@ -112,9 +120,9 @@ def serve(argv=None):
     p.add_argument("--attention", choices=ATTENTION, default="replicated")
     args = p.parse_args(argv)
 
-    group = mx.distributed.init()
+    group = init_world()
     restore_priority()  # before the HTTP thread starts, which keeps the priority it starts with
-    switch = serve_http(args, group.size()) if group.rank() == 0 else None
+    switch, http = serve_http(args, group.size()) if group.rank() == 0 else (None, None)
     available = available_bytes()
     placement = resolve(args.placement, args.expert_load, group.size())
     model, tokenizer = load_sharded(args.model, group, args.strategy, placement=placement,
@@ -136,12 +144,12 @@ def serve(argv=None):
                          control_token=os.environ.get("MLX_MOE_CONTROL_TOKEN"),
                          max_body_bytes=args.max_body_bytes, cluster=lambda: hosts)
         switch.switch(app, engine.ready)  # the real app answers once the engine runs
-        engine.on_failure = lambda reason: _stop_rank0(engine, 3)
+        engine.on_failure = lambda reason: _stop_rank0(engine, http, 3)
 
         def on_term(signum, frame):
             # mlx.launch stops the survivors when a rank exits: end the
             # requests in flight first, naming the rank if the launcher can.
-            engine.on_failure = lambda reason: _stop_rank0(engine, 128 + signum)
+            engine.on_failure = lambda reason: _stop_rank0(engine, http, 128 + signum)
             engine.fail_with_notice("the cluster is stopping (a rank exited or a stop was requested)")
 
         # A rank on another host is stopped by SIGHUP: mlx.launch ends its ssh session.

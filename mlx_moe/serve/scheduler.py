@@ -3,15 +3,14 @@
 Every step, rank 0 writes a plan, a small piece of data: the requests that
 join the batch (prompt tokens, max_tokens, sampling settings, a seed) and
 the ids of those that leave (cancelled by their client, or a stop string
-reached). `exchange` gives it to every rank in one all_sum of HEADER_BYTES
-(a second one only when it does not fit); every rank then applies it to its
-mlx-lm BatchGenerator in the same order, so the ids the generator assigns
-agree, and runs the same step. End-of-sequence, stop token ids and
-max_tokens end a sequence inside the generator, identically on every rank;
+reached). The step's exchange (exchange.py) gives it to every rank, which
+applies it a step later to its mlx-lm BatchGenerator in the same order, so
+the ids the generator assigns agree, and runs the same step.
+End-of-sequence, stop token ids and max_tokens end a sequence inside the
+generator, identically on every rank (they see the same tokens);
 text, stop strings, log-probs and the clients live on rank 0 only
 (`Scheduler`)."""
 
-import json
 import threading
 import time
 from collections import deque
@@ -21,32 +20,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 import mlx.core as mx
 import numpy as np
 
-from ..parallel import comm
 
-# A plan with a few removals, or one short request, fits in the first exchange.
-HEADER_BYTES = 1024
 CANCELLED = "cancelled: the client went away"
-
-
-def exchange(plan: Optional[dict], group) -> dict:
-    """Rank 0's `plan` on every rank (the others pass None)."""
-    # A step mlx-lm queued ahead may still be running its collectives; this
-    # exchange must not pair with one of them on another rank.
-    comm.settle()
-    room = HEADER_BYTES - 4
-    header = np.zeros(HEADER_BYTES, np.uint8)
-    if plan is not None:
-        data = json.dumps(plan, separators=(",", ":")).encode()
-        header[:4] = np.frombuffer(np.array([len(data)], "<u4").tobytes(), np.uint8)
-        header[4:4 + min(len(data), room)] = np.frombuffer(data[:room], np.uint8)
-    # The others add zeros: a sum of one rank's bytes is exact.
-    header = np.array(comm.all_sum(mx.array(header), group))
-    size = int(header[:4].view("<u4")[0])
-    got = bytes(header[4:4 + min(size, room)])
-    if size > room:
-        rest = np.frombuffer(data[room:], np.uint8) if plan is not None else np.zeros(size - room, np.uint8)
-        got += bytes(np.array(comm.all_sum(mx.array(rest), group)))
-    return json.loads(got)
 
 
 def token_logprobs(logprobs: mx.array, token: int, k: int) -> Tuple[int, float, List[Tuple[int, float]]]:
@@ -85,14 +60,23 @@ class Scheduler:
         self.waiting: deque = deque()
         self.running: Dict[int, Active] = {}
         self.leaving: List[int] = []  # ids to remove in the next plan
-        self.joining: list = []  # jobs of the last plan, in its order
+        # Jobs of each plan sent but not yet applied (a plan is applied a step
+        # after it is sent, exchange.py), oldest first, each in its plan's order.
+        self.joining: deque = deque()
         self.stopping = False
+        self.closed: Optional[str] = None  # why no job is taken any more (the cluster is lost)
 
     def submit(self, *jobs) -> None:
         """Queue `jobs` together, so that they join the batch in one step
         (a late joiner would cost a prompt batch left padding as long as
-        the others' progress), or none of them: QueueFull."""
+        the others' progress), or none of them: QueueFull. Once closed,
+        each job gets the reason as its error instead."""
         with self.cond:
+            # Checked under the lock close takes: a job is either drained by close or refused here.
+            if self.closed is not None:
+                for job in jobs:
+                    job.emit(("error", self.closed))
+                return
             if len(self.waiting) + len(jobs) > self.max_waiting:
                 raise QueueFull(f"The server is busy: {len(self.waiting)} requests are already waiting"
                                 + (f" and this one brings {len(jobs)}" if len(jobs) > 1 else "")
@@ -118,7 +102,7 @@ class Scheduler:
         """The next step's plan; with nothing running or waiting, waits up to
         `timeout` for a request, then sends a ping (keeps the watchdogs fed)."""
         with self.cond:
-            if not (self.running or self.leaving or self.waiting or self.stopping):
+            if not (self.running or self.leaving or self.waiting or self.joining or self.stopping):
                 self.cond.wait(timeout)
             if self.stopping:
                 return {"op": "shutdown"}
@@ -126,20 +110,21 @@ class Scheduler:
                 if active.job.cancelled:
                     self._leave(uid)
                     active.job.emit(("error", CANCELLED))
-            free = self.max_running - len(self.running)
-            self.joining = [self.waiting.popleft() for _ in range(min(free, len(self.waiting)))]
+            free = self.max_running - len(self.running) - sum(len(jobs) for jobs in self.joining)
+            joins = [self.waiting.popleft() for _ in range(min(free, len(self.waiting)))]
+            if joins:
+                self.joining.append(joins)
             leaving, self.leaving = self.leaving, []
-        if not (self.joining or leaving or self.running):
+        if not (joins or leaving or self.running or self.joining):
             return {"op": "ping"}
-        return {"op": "step", "add": [job.spec() for job in self.joining], "remove": leaving}
+        return {"op": "step", "add": [job.spec() for job in joins], "remove": leaving}
 
     def joined(self, uids: List[int], cached: List[int]) -> None:
-        """The generator's ids for the jobs of the last plan, and how many
-        prompt tokens of each the prefix cache held."""
-        for uid, job, n in zip(uids, self.joining, cached):
+        """The generator's ids for the jobs of the oldest plan not yet
+        applied, and how many prompt tokens of each the prefix cache held."""
+        for uid, job, n in zip(uids, self.joining.popleft(), cached):
             self.running[uid] = Active(job, self.tokenizer.detokenizer, self.make_stops(job.stop), cached=n,
                                        logprobs=None if job.logprobs is None else [])
-        self.joining = []
 
     def _leave(self, uid: int) -> None:
         self.running.pop(uid, None)
@@ -169,10 +154,12 @@ class Scheduler:
             self._send(active, text)
             if stopped or r.finish_reason:
                 with self.cond:
+                    if self.running.get(r.uid) is not active:  # a failure drained it: it has its error
+                        continue
                     if stopped and not r.finish_reason:
                         self._leave(r.uid)  # the generator still runs it
                     else:
-                        self.running.pop(r.uid, None)  # a failure may have drained it
+                        self.running.pop(r.uid)
                 self._send(active, active.stops.flush(), last=True)
                 ended.append((active, "stop" if stopped else r.finish_reason))
         if ended:
@@ -198,13 +185,17 @@ class Scheduler:
             active.job.emit(("text", text, active.logprobs))
             active.logprobs = []
 
-    def drain(self) -> list:
-        """Every job not yet answered, waiting or running; none are left."""
+    def close(self, reason: str) -> list:
+        """Take no more jobs (submit ends them with `reason`); every job not
+        yet answered, waiting or running, for the caller to end with
+        `reason`: none are left."""
         with self.cond:
-            jobs = [a.job for a in self.running.values()] + list(self.waiting) + self.joining
+            self.closed = reason
+            jobs = [a.job for a in self.running.values()] + list(self.waiting)
+            jobs += [job for joins in self.joining for job in joins]
             self.running.clear()
             self.waiting.clear()
-            self.joining = []
+            self.joining.clear()
             return jobs
 
     def counts(self):

@@ -1,0 +1,99 @@
+"""Rank 0's scheduler when the cluster is lost: every job gets exactly one
+terminal event ("done" or "error"), however its submit and the failure
+interleave. No model: a stand-in engine holds what Engine.submit and
+Engine.fail use."""
+
+import sys
+import threading
+import types
+
+from mlx_moe.serve.engine import Engine, Job, StopMatcher
+from mlx_moe.serve.scheduler import Scheduler
+
+REASON = "lost the cluster"
+
+
+def _engine(scheduler=None):
+    return types.SimpleNamespace(scheduler=scheduler or Scheduler(None, StopMatcher, 4, 10**6),
+                                 failure=None, rank=0, on_failure=lambda reason: None)
+
+
+def _job(events: list) -> Job:
+    return Job(prompt=[1, 2], max_tokens=4, emit=events.append)
+
+
+def _terminal(events: list) -> list:
+    return [e for e in events if e[0] in ("done", "error")]
+
+
+def test_a_job_submitted_after_close_gets_the_error():
+    scheduler = Scheduler(None, StopMatcher, 4, 8)
+    waiting = [[], []]
+    scheduler.submit(*(_job(e) for e in waiting))
+    assert len(scheduler.close(REASON)) == 2 and not scheduler.waiting
+    late = [[], []]
+    scheduler.submit(*(_job(e) for e in late))
+    assert late == [[("error", REASON)]] * 2 and not scheduler.waiting
+    assert waiting == [[], []]  # the caller of close ends them
+
+
+def test_a_failure_between_a_submit_and_its_queueing_still_ends_the_job():
+    """The interleaving that lost a job: the failure comes while a submit is
+    on its way to the queue (here: just before the scheduler takes it)."""
+    engine = _engine()
+
+    class FailFirst(Scheduler):
+        def submit(self, *jobs):
+            failing = threading.Thread(target=Engine.fail, args=(engine, REASON))
+            failing.start()
+            failing.join(1)  # done, or blocked on this scheduler's lock
+            super().submit(*jobs)
+
+    engine.scheduler = FailFirst(None, StopMatcher, 4, 8)
+    events = []
+    Engine.submit(engine, _job(events))
+    assert events == [("error", REASON)] and not engine.scheduler.waiting
+
+
+def test_every_job_gets_one_terminal_event_when_submits_race_a_failure():
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads switch between any two bytecodes
+    try:
+        for _ in range(20):
+            engine, logs, go = _engine(), [], threading.Barrier(9)
+
+            def submitting():
+                go.wait()
+                for _ in range(200):
+                    events = []
+                    logs.append(events)
+                    Engine.submit(engine, _job(events))
+
+            threads = [threading.Thread(target=submitting) for _ in range(8)]
+            for t in threads:
+                t.start()
+            go.wait()
+            while len(logs) < 400 and all(t.is_alive() for t in threads):  # fail mid-way through the submits
+                pass
+            Engine.fail(engine, REASON)
+            for t in threads:
+                t.join()
+            assert [len(_terminal(events)) for events in logs] == [1] * len(logs)
+            assert not engine.scheduler.waiting
+    finally:
+        sys.setswitchinterval(switch)
+
+
+def test_an_answer_that_ends_as_the_cluster_fails_gets_no_done():
+    """The failure (another thread) drains a running job while the step
+    that finishes it is delivering: its error was its end."""
+    engine, events = _engine(), []
+    detokenizer = types.SimpleNamespace(text="", last_segment="", add_token=lambda token: None,
+                                        finalize=lambda: Engine.fail(engine, REASON))
+    scheduler = engine.scheduler = Scheduler(types.SimpleNamespace(detokenizer=detokenizer), StopMatcher, 4, 8)
+    scheduler.submit(_job(events))
+    scheduler.plan(0)
+    scheduler.joined([7], [0])
+    finished = types.SimpleNamespace(uid=7, token=3, logprobs=None, finish_reason="length")
+    scheduler.deliver([finished], lambda: None)
+    assert _terminal(events) == [("error", REASON)]
