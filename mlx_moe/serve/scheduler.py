@@ -199,5 +199,5 @@ class Scheduler:
             return jobs
 
     def counts(self):
-        """(running, waiting)."""
-        return len(self.running), len(self.waiting)
+        """(running, waiting): a job of a plan not yet applied still waits."""
+        return len(self.running), len(self.waiting) + sum(len(jobs) for jobs in self.joining)
