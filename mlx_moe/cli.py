@@ -13,10 +13,10 @@ import urllib.request
 from pathlib import Path
 
 from .cluster.failures import FirstFailure
-from .cluster.hosts import HERE, HostError, resolve
+from .cluster.hosts import HostError, resolve
 from .cluster.launch import free_port, launch_command, start, stop_group, wait_ready
 from .cluster.progress import ENV as PROGRESS_ENV, Board
-from .serve.homes import ATTENTION
+from .serve.engine.homes import ATTENTION
 
 DEMO_DIR = Path(os.environ.get("MLX_MOE_HOME", Path.home() / ".cache" / "mlx-moe")) / "demo-qwen3-moe-4bit"
 
@@ -159,8 +159,8 @@ def _rank_argv(module, args, *extra):
 
 
 def _serve_argv(args):
-    argv = _rank_argv("mlx_moe.serve.rank", args, "--host", args.host, "--port", str(args.port))
-    for flag in ("max_context", "watchdog_timeout", "max_body_bytes", "max_concurrency", "max_queue",
+    argv = _rank_argv("mlx_moe.serve.engine.rank", args, "--port", str(args.port))
+    for flag in ("max_context", "watchdog_timeout", "max_concurrency", "max_queue",
                  "prefill_step_size", "prompt_cache_bytes", "attention"):
         if getattr(args, flag, None) is not None:
             argv += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
@@ -168,64 +168,29 @@ def _serve_argv(args):
 
 
 def cmd_serve(args):
-    token = secrets.token_hex(16)
-    args.rank_env = [f"MLX_MOE_CONTROL_TOKEN={token}"]
-    if args.api_key:
-        args.rank_env.append(f"MLX_MOE_API_KEY={args.api_key}")
-    rank0 = _cluster(args).hostfile.hosts[0]
-    if args.host not in ("0.0.0.0", "127.0.0.1", "localhost"):
-        target = args.host
-    elif rank0.ssh_hostname == HERE:
-        target = "127.0.0.1"
-    else:
-        target = rank0.ips[0]
-        if args.host != "0.0.0.0":
-            print(f"mlx-moe: rank 0 runs on {_cluster(args).names[0]} and serves on {args.host}:{args.port} "
-                  "there only; to reach it from other machines pass --host 0.0.0.0 (with --api-key)",
-                  file=sys.stderr)
-    url = f"http://{target}:{args.port}/internal/"
+    """The front process (serve/front.py) here, the ranks through mlx.launch."""
+    from .serve.channel import ADDRESS_ENV, KEY_ENV
+    from .serve.front.process import Front
 
-    def control(path, body) -> bool:
-        # Best effort: whether rank 0 took it.
-        try:
-            req = urllib.request.Request(url + path, json.dumps(body).encode(),
-                                         {"Content-Type": "application/json", "X-MLX-MOE-Control": token})
-            urllib.request.urlopen(req, timeout=2).close()
-            return True
-        except OSError:
-            return False
+    cluster = _cluster(args)
+    key = secrets.token_hex(16)
+    try:
+        front = Front(args, cluster.front, key, len(cluster.names))
+    except OSError as e:
+        print(f"mlx-moe: {e}", file=sys.stderr)
+        return 2
+    args.rank_env = [f"{KEY_ENV}={key}", f"{ADDRESS_ENV}={front.address}"]
+    failures = []
 
-    def notify(reason):
-        control("failure", {"reason": reason})  # rank 0 names the failed rank in its errors
+    def failed(reason):
+        failures.append(reason)
+        front.failed(reason)
 
-    on_progress = _relay_progress(lambda ranks: control("progress", {"ranks": ranks}))  # for /health and the page
-    return _launch(args, _serve_argv(args), notify, on_progress)
-
-
-def _relay_progress(post):
-    """`on_progress` for _launch: passes the ranks' latest progress to
-    `post(entries)` from a thread of its own (a relay never waits on HTTP),
-    again a second later if it was not taken (rank 0 not listening yet),
-    until every rank has loaded."""
-    latest, changed = [None], threading.Event()
-
-    def run():
-        sent = None
-        while True:
-            changed.wait(1.0)
-            changed.clear()
-            entries = latest[0]
-            if entries is not sent and post(entries):
-                sent = entries
-                if all(e["stage"] == "loaded" for e in entries):
-                    return
-
-    def on_progress(entries):
-        latest[0] = entries
-        changed.set()
-
-    threading.Thread(target=run, daemon=True, name="progress").start()
-    return on_progress
+    rc = _launch(args, _serve_argv(args), failed, front.progress)
+    if rc != 0 and not failures:
+        failures.append(f"the ranks exited (mlx.launch exited with code {rc})")
+    front.stop(failures[0] if failures else None)
+    return rc
 
 
 def cmd_generate(args):
@@ -244,11 +209,10 @@ def cmd_demo(args):
 
     path = synthesize(DEMO_DIR, "qwen3_moe", layers=4, hidden=128, experts=8, top_k=2, quantize=4)
     print(f"synthetic 4-bit qwen3_moe checkpoint: {path}", file=sys.stderr)
-    args.model, args.host, args.port, args.strategy, args.max_collective_bytes = (
-        str(path), "127.0.0.1", free_port(), "expert", None)
-    cmd = launch_command(_serve_argv(args), hosts=["127.0.0.1", "127.0.0.1"])
-    url = f"http://127.0.0.1:{args.port}"
-    proc = start(cmd)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, "-m", "mlx_moe.cli", "serve", "--model", str(path), "--port",
+                             str(port), "--strategy", "expert"], preexec_fn=os.setpgrp)
     try:
         wait_ready(url, proc)
         question = "Tell me about the river."
@@ -329,9 +293,11 @@ def main(argv=None):
     d.add_argument("--max-tokens", type=int, default=32)
     d.set_defaults(func=cmd_demo)
 
-    s = sub.add_parser("serve", help="start the cluster and an OpenAI-compatible HTTP endpoint on rank 0")
+    s = sub.add_parser("serve", help="start the cluster and an OpenAI-compatible HTTP endpoint on this machine")
     s.add_argument("--model", required=True, help="Hugging Face repo id or local mlx-lm checkpoint directory")
-    s.add_argument("--host", default="127.0.0.1", help="address to bind the HTTP server (default: 127.0.0.1)")
+    s.add_argument("--host", default="127.0.0.1",
+                   help="address to bind the HTTP server, which runs here, in this process, whichever host "
+                        "runs rank 0 (default: 127.0.0.1)")
     s.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000)")
     s.add_argument("--max-context", type=int, default=None,
                    help="longest prompt + completion in tokens (default: the model's max_position_embeddings)")
@@ -344,9 +310,9 @@ def main(argv=None):
                         "grows with slow steps up to 4x this timeout (default: 60)")
     s.add_argument("--max-body-bytes", type=int, default=None,
                    help="largest request body accepted (default: 4 MiB)")
-    s.add_argument("--max-concurrency", type=int, default=None,
+    s.add_argument("--max-concurrency", type=int, default=16,
                    help="requests generated together, in one batch (default: 16)")
-    s.add_argument("--max-queue", type=int, default=None,
+    s.add_argument("--max-queue", type=int, default=64,
                    help="requests waiting for a place in the batch; more get 429 (default: 64)")
     s.add_argument("--prefill-step-size", type=int, default=None,
                    help="prompt tokens read per step while others decode (default: 512)")

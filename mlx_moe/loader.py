@@ -1,6 +1,7 @@
 """load_sharded: resolve the checkpoint -> lazy model -> plan -> apply ->
 read this rank's weights."""
 
+import json
 import os
 import sys
 import time
@@ -50,6 +51,15 @@ def _download(model_id: str, revision, allow_patterns, progress=None) -> Path:
             f"Could not fetch {model_id!r} from the Hugging Face hub ({type(e).__name__}: {e}). "
             "Pass a local checkpoint directory, or check the repo id and your network."
         ) from e
+
+
+def load_tokenizer_of(model_id: str, revision=None):
+    """The tokenizer load_sharded gives for `model_id` (a directory, or a hub
+    repo: its metadata files only, no weights), for a process that holds no
+    part of the model (the front of `mlx-moe serve`)."""
+    path = local_checkpoint(model_id) or _download(model_id, revision, METADATA_PATTERNS)
+    config = json.loads((path / "config.json").read_text())
+    return load_tokenizer(path, eos_token_ids=config.get("eos_token_id", None))
 
 
 def files_for(path: Path, plan: ShardingPlan, model: nn.Module, known: Optional[dict] = None):

@@ -1,4 +1,4 @@
-"""The Messages API (mlx_moe.serve.anthropic) driven by the official
+"""The Messages API (mlx_moe.serve.front.anthropic) driven by the official
 anthropic client (async, over httpx2's ASGI transport: in process), against
 a stand-in runner that answers with scripted text: the request reaches the
 chat template as it should, and the answer comes back as Anthropic content
@@ -14,7 +14,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from mlx_lm.utils import load_tokenizer
 
-from mlx_moe.serve.anthropic import anthropic_router
+from mlx_moe.serve.front.anthropic import anthropic_router
 from mlx_moe.serve.structured import Grammars
 from mlx_moe.checkpoints.synthetic_chat import synthesize_chat
 

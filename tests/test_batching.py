@@ -197,8 +197,9 @@ def test_the_prompts_of_one_request_join_the_batch_together_or_not_at_all():
     """A request's prompts are queued at once (a plan between them would make
     the late ones left-pad to the others' progress), and a queue without room
     for all takes none."""
-    from mlx_moe.serve.engine import Job, StopMatcher
-    from mlx_moe.serve.scheduler import QueueFull, Scheduler
+    from mlx_moe.serve.channel import Job, QueueFull
+    from mlx_moe.serve.engine.core import StopMatcher
+    from mlx_moe.serve.engine.scheduler import Scheduler
 
     scheduler = Scheduler(None, StopMatcher, max_running=4, max_waiting=3)
     jobs = [Job(prompt=[1, 2 + i], max_tokens=4) for i in range(4)]
@@ -275,7 +276,7 @@ def test_a_step_reads_at_most_the_prefill_budget_and_answers_do_not_change(check
     from mlx_lm import load
     from mlx_lm.generate import BatchGenerator
 
-    from mlx_moe.serve.engine import bound_prefill
+    from mlx_moe.serve.engine.core import bound_prefill
 
     model, tokenizer = load(str(checkpoint("qwen3_moe")))
     prompts = [tokenizer.encode("the river and the mill " * (8 + i)) for i in range(8)]

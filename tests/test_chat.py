@@ -1,4 +1,4 @@
-"""Chat with tools and reasoning (mlx_moe.serve.chat) on a synthesized
+"""Chat with tools and reasoning (mlx_moe.serve.front.chat) on a synthesized
 checkpoint with a Qwen3-style template: the prompt of a full tool round
 trip, enable_thinking, tool_choice, and the answer split into reasoning,
 content and tool calls, streamed piece by piece or whole."""
@@ -9,7 +9,7 @@ import pytest
 from mlx_lm.utils import load_tokenizer
 from pydantic import ValidationError
 
-from mlx_moe.serve.chat import ChatFields, ChatOutput, build_prompt
+from mlx_moe.serve.front.chat import ChatFields, ChatOutput, build_prompt
 from mlx_moe.serve.structured import Grammars, RequestError
 from mlx_moe.checkpoints.synthetic_chat import synthesize_chat
 

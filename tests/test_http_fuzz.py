@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from mlx_lm.utils import load_tokenizer
 
-from mlx_moe.serve.app import create_app
+from mlx_moe.serve.front.app import create_app
 from mlx_moe.serve.structured import Grammars
 from mlx_moe.checkpoints.synthetic_chat import synthesize_chat
 

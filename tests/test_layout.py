@@ -120,6 +120,18 @@ def test_imports_point_down_the_layers():
     assert not wrong, "imports against the layers:\n" + "\n".join(wrong)
 
 
+def test_the_front_and_the_engine_meet_only_in_the_channel():
+    """serve/front/ (the front process) and serve/engine/ (the ranks) import
+    nothing of each other: what crosses between them is in serve/channel.py."""
+    graph = _graph()
+    side = lambda m: m.split(".")[2] if m.startswith("mlx_moe.serve.") and m.count(".") >= 3 else None
+    wrong = [f"{m}:{line} imports {t}" for m, imports in sorted(graph.items()) for line, t in imports
+             if {side(m), side(t)} == {"front", "engine"}]
+    assert not wrong, "across the process boundary:\n" + "\n".join(wrong)
+    assert any(t == "mlx_moe.serve.channel" for _, t in graph["mlx_moe.serve.front.process"])
+    assert any(t == "mlx_moe.serve.channel" for _, t in graph["mlx_moe.serve.engine.link"])
+
+
 def test_import_mlx_moe_loads_no_server_or_planner():
     code = "import sys, mlx_moe; print(' '.join(sorted(m for m in sys.modules if m.startswith('mlx_moe'))))"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)

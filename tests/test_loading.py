@@ -14,8 +14,6 @@ import signal
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 
 import pytest
 from fastapi import FastAPI
@@ -23,8 +21,8 @@ from fastapi.testclient import TestClient
 
 from mlx_moe.cluster.launch import stop_group, wait_ready
 from mlx_moe.cluster.progress import PREFIX, Board
-from mlx_moe.serve.loading import Loading, Switch, loading_app
-from test_reliability import WORKERS, _finish, _serve
+from mlx_moe.serve.front.loading import Loading, Switch, loading_app
+from test_reliability import WORKERS, _finish, _serve, get
 from workers.http_hub import HttpHub
 
 
@@ -100,16 +98,15 @@ def test_board_on_a_terminal_keeps_one_line_per_rank_below_the_output():
         "serving"]  # once every rank has loaded, the block stays where it is
 
 
-def test_loading_app_answers_from_the_launchers_reports_until_the_switch():
+def test_loading_app_answers_from_the_launchers_progress_until_the_switch():
     loading = Loading(2)
-    switch = Switch(loading_app(loading, "tiny-moe", api_key="k", control_token="t"))
+    switch = Switch(loading_app(loading, "tiny-moe", api_key="k"))
     client = TestClient(switch)
     entries = [{"rank": 0, "host": "mac1", "stage": "reading", "loaded_bytes": 3, "load_total_bytes": 4,
                 "progress": 0.75}, {"rank": 1, "host": "mac2", "stage": "downloading", "progress": 0.25}]
-    assert client.post("/internal/progress", json={"ranks": entries}).status_code == 403  # no control token
     health = client.get("/health")
     assert health.status_code == 503 and health.json()["progress"] == 0.0
-    assert client.post("/internal/progress", json={"ranks": entries}, headers={"X-MLX-MOE-Control": "t"}).json()
+    loading.update(entries)  # the launcher read them from the ranks' output
     health = client.get("/health").json()
     assert health == {"status": "loading", "progress": 0.5, "ranks": entries}
     refused = client.post("/v1/chat/completions", json={})
@@ -130,22 +127,10 @@ def test_loading_app_answers_from_the_launchers_reports_until_the_switch():
 
 def test_a_failure_reported_while_loading_shows_in_health():
     loading = Loading(2)
-    client = TestClient(loading_app(loading, "tiny-moe", control_token="t"))
-    client.post("/internal/failure", json={"reason": "rank 1 (host mac2) failed: MemoryError"},
-                headers={"X-MLX-MOE-Control": "t"})
+    client = TestClient(loading_app(loading, "tiny-moe"))
+    loading.failure = "rank 1 (host mac2) failed: MemoryError"  # as Front.failed sets it
     assert client.get("/health").json() == {"status": "failed", "reason": "rank 1 (host mac2) failed: MemoryError"}
     assert client.get("/v1/models").json()["error"]["message"] == "rank 1 (host mac2) failed: MemoryError"
-
-
-def get(url):
-    """(status, headers, JSON body); (None, None, None) while nothing listens."""
-    try:
-        with urllib.request.urlopen(url, timeout=10) as r:
-            return r.status, r.headers, json.load(r)
-    except urllib.error.HTTPError as e:
-        return e.code, e.headers, json.load(e)
-    except (urllib.error.URLError, ConnectionError):
-        return None, None, None
 
 
 def poll_health(url, proc, until, seen, timeout=180):

@@ -14,8 +14,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from mlx_moe.parallel.expert import ExpertLoad
 from mlx_moe.cluster.launch import free_port, stop_group, wait_ready
-from mlx_moe.serve.app import create_app
-from mlx_moe.serve.metrics import Metrics
+from mlx_moe.serve.front.app import create_app
+from mlx_moe.serve.front.metrics import Metrics
 from test_http_fuzz import InstantEngine
 from test_serve import _start
 

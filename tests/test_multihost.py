@@ -87,9 +87,9 @@ def _gone(marker, timeout=15):
 
 @pytest.fixture(scope="module")
 def server(cluster, model_path):
-    """serve --hosts h1,h2: rank 0 on h1, answering on h1's address."""
-    proc, port = _serve(model_path, "--hosts", "h1,h2", "--host", "0.0.0.0")
-    url = f"http://{testcluster.address('h1')}:{port}"
+    """serve --hosts h1,h2: rank 0 on h1; the API here, in the serve command (the front)."""
+    proc, port = _serve(model_path, "--hosts", "h1,h2")
+    url = f"http://127.0.0.1:{port}"
     try:
         _ready(proc, url)
         yield url, f"--port {port}"
@@ -171,8 +171,8 @@ def test_hostfile_from_distributed_config_then_sigterm_leaves_nothing_on_any_hos
     hostfile = tmp_path / "hosts.json"
     hostfile.write_text(json.dumps({"backend": "ring", "envs": [], "hosts": [
         {"ssh": name, "ips": [testcluster.address(name)], "rdma": []} for name in ("h1", "h2")]}, indent=4))
-    proc, port = _serve(model_path, "--hostfile", str(hostfile), "--host", "0.0.0.0")
-    marker, url = f"--port {port}", f"http://{testcluster.address('h1')}:{port}"
+    proc, port = _serve(model_path, "--hostfile", str(hostfile))
+    marker, url = f"--port {port}", f"http://127.0.0.1:{port}"
     try:
         _ready(proc, url)
         text, _, _ = _chat(_client(url), model_path, QUESTION, max_tokens=MAX_TOKENS)

@@ -47,9 +47,20 @@ def _rank_pid(marker, rank, url=None):
             env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        if f"MLX_RANK={rank}".encode() in env and b"mlx_moe.serve.rank" in Path(f"/proc/{pid}/cmdline").read_bytes():
+        if f"MLX_RANK={rank}".encode() in env and b"mlx_moe.serve.engine.rank" in Path(f"/proc/{pid}/cmdline").read_bytes():
             return pid
     raise AssertionError(f"no rank {rank} process for {marker}")
+
+
+def get(url):
+    """(status, headers, JSON body); (None, None, None) while nothing listens."""
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return r.status, r.headers, json.load(r)
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers, json.load(e)
+    except (urllib.error.URLError, ConnectionError):
+        return None, None, None
 
 
 @functools.lru_cache(maxsize=None)
@@ -181,6 +192,9 @@ def _kill_rank_1(model_path, streaming: bool):
             assert not t.is_alive(), "the stream did not end within 30 s"
             assert not _finished(result), "the generation ended before rank 1 was killed"
             assert result["error"] and "rank 1" in result["error"], result["error"]
+            # The front outlives the ranks: /health says why before it exits.
+            status, _, body = get(url + "/health")
+            assert status == 503 and "rank 1 (host 127.0.0.1) was killed by SIGKILL" in body["reason"], body
         code, err = _finish(proc, 60)
         assert time.monotonic() - killed < 60
         assert code != 0 and "rank 1 (host 127.0.0.1) was killed by SIGKILL" in err, err[-2000:]
@@ -191,9 +205,9 @@ def _kill_rank_1(model_path, streaming: bool):
         stop_group(proc)
 
 
-def test_rank0_exits_only_once_the_error_is_written():
+def test_the_front_exits_only_once_the_error_is_written():
     """A response that takes its error (open_responses reaches 0) but writes
-    it late, as on a loaded machine: rank 0 still delivers it, and closes
+    it late, as on a loaded machine: the front still delivers it, and closes
     the connection, before it exits."""
     port = free_port()
     proc = subprocess.Popen([sys.executable, str(WORKERS / "slow_flush_worker.py"), str(port)],
@@ -420,7 +434,7 @@ def test_watchdog_limit_follows_the_slowest_recent_step():
     LIMIT_CAP timeouts (a stall after one very slow step is still found);
     the window forgets them; a wait for a request (rank 0, not waiting on
     the cluster) never counts."""
-    from mlx_moe.serve.progress import LIMIT_CAP, Progress
+    from mlx_moe.serve.engine.progress import LIMIT_CAP, Progress
 
     now = [0.0]
     p = Progress(60, margin=4, window=3, clock=lambda: now[0])

@@ -15,7 +15,7 @@ from mlx_lm.sample_utils import make_logits_processors
 from mlx_lm.utils import load_tokenizer
 
 import oracle
-from mlx_moe.serve.engine import PENALTY_CONTEXT
+from mlx_moe.serve.engine.core import PENALTY_CONTEXT
 from test_batching import CONTEXT, _client, _poll, _scrape, serving as batching_server
 from test_metrics import value
 from test_serve import _chat, _post_raw, client, model_path, server  # noqa: F401 (fixtures)

@@ -1,14 +1,17 @@
-"""Rank 0's scheduler when the cluster is lost: every job gets exactly one
-terminal event ("done" or "error"), however its submit and the failure
-interleave. No model: a stand-in engine holds what Engine.submit and
-Engine.fail use."""
+"""When the cluster is lost: every job of rank 0's scheduler gets exactly
+one terminal event ("done" or "error"), however its submit and the failure
+interleave; the error names the rank that failed first. No model: stand-ins
+hold what Engine.submit, Engine.fail and the front's client use."""
 
 import sys
 import threading
 import types
 
-from mlx_moe.serve.engine import Engine, Job, StopMatcher
-from mlx_moe.serve.scheduler import Scheduler
+import pytest
+
+from mlx_moe.serve.channel import Job
+from mlx_moe.serve.engine.core import Engine, StopMatcher
+from mlx_moe.serve.engine.scheduler import Scheduler
 
 REASON = "lost the cluster"
 
@@ -97,3 +100,51 @@ def test_an_answer_that_ends_as_the_cluster_fails_gets_no_done():
     finished = types.SimpleNamespace(uid=7, token=3, logprobs=None, finish_reason="length")
     scheduler.deliver([finished], lambda: None)
     assert _terminal(events) == [("error", REASON)]
+
+
+def test_a_rank_that_exited_first_is_named_over_one_that_then_failed():
+    """Rank 1 is killed; rank 0 then fails on the garbage a broken collective
+    left it, and prints its own failure before rank 1's exit has had its
+    wait for a reason: the launcher still names rank 1."""
+    from mlx_moe.cluster.failures import FirstFailure
+
+    seen = []
+    watch = FirstFailure(seen.append, hosts=["mac1", "mac2"])
+    watch.feed("[WARN] Node with rank 1 was killed")
+    watch.feed("mlx-moe: rank 0 failed: ValueError: home token counts [4, -1083478366]")
+    assert watch.settle() == "rank 1 (host mac2) was killed" and seen == [watch.failure]
+    alone = FirstFailure(seen.append)
+    alone.feed("mlx-moe: rank 0 failed: MemoryError: out of memory")
+    assert alone.failure == "rank 0 failed: MemoryError: out of memory"  # no earlier exit: at once
+
+
+def _front_client():
+    from mlx_moe.serve.front.process import EngineClient
+
+    client = EngineClient.__new__(EngineClient)  # no channel: only the failure logic
+    client.lock, client.jobs, client.failure = threading.Lock(), {}, None
+    client.notice, client.noticed, client.rank0_failed = None, threading.Event(), False
+    return client
+
+
+@pytest.mark.parametrize("notice, elsewhere, want", [
+    ("rank 1 (host mac2) was killed by SIGKILL", False, "rank 1 (host mac2) was killed by SIGKILL"),
+    ("rank 0 (host mac1) exited with code 3", False, "no progress from the cluster for 9 s"),
+    ("rank 1 (host mac2) was killed by SIGKILL", True, "rank 1 (host mac2) was killed by SIGKILL"),
+    (None, False, "no progress from the cluster for 9 s"),
+], ids=["another rank died first", "rank 0's own exit", "a lost peer", "no word from the launcher"])
+def test_the_front_names_the_rank_that_failed_first(monkeypatch, notice, elsewhere, want):
+    from mlx_moe.serve import channel
+    from mlx_moe.serve.front import process
+
+    monkeypatch.setattr(process, "NOTICE_WAIT", 0.5)
+    client, events = _front_client(), []
+    client.jobs[0] = _job(events)
+    reason = "lost the cluster ([ring] connection to a peer was lost)" if elsewhere else \
+        "no progress from the cluster for 9 s"
+    failing = threading.Thread(target=client._rank0_failed, args=(channel.Failed(reason, elsewhere),))
+    failing.start()
+    if notice:
+        client.notify(notice)  # after rank 0's report: it does not decide by itself
+    failing.join(5)
+    assert events == [("error", want)]

@@ -1,4 +1,4 @@
-"""The status page (mlx_moe.serve.status) against a stand-in engine with
+"""The status page (mlx_moe.serve.front.status) against a stand-in engine with
 plausible data: its JSON, and the page rendered by headless Chromium (the
 heatmap has one cell per layer and rank, and is really drawn); then the
 page of a real two-rank `mlx-moe serve` after a few requests."""
@@ -24,7 +24,7 @@ from fastapi.testclient import TestClient
 from mlx_moe.parallel.expert import ExpertLoad
 from mlx_moe.parallel.placement import spread
 from mlx_moe.parallel.plan import LayerPlan, ShardingPlan
-from mlx_moe.serve.status import status_router
+from mlx_moe.serve.front.status import status_router
 from test_serve import serving
 
 RANKS, LAYERS, EXPERTS = 4, 6, 16

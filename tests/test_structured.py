@@ -11,7 +11,7 @@ from mlx_lm import load, stream_generate
 from mlx_lm.generate import BatchGenerator
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
-from mlx_moe.serve.chat import ChatFields, ChatOutput, build_prompt
+from mlx_moe.serve.front.chat import ChatFields, ChatOutput, build_prompt
 from mlx_moe.serve.structured import Grammars, RequestError, build_grammar
 from mlx_moe.checkpoints.synthetic_chat import synthesize_chat
 

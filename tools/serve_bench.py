@@ -52,12 +52,15 @@ def servers(path: Path, ranks: int, port: int):
     }
 
 
+BIAS = {}  # logit_bias of every request (--no-eos)
+
+
 def stream_chat(client, model, messages, max_tokens):
     """(completion tokens, time to first token, gaps between tokens, text)."""
     t0 = time.perf_counter()
     stamps, text, tokens = [], "", None
     for chunk in client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens,
-                                                temperature=0, stream=True,
+                                                temperature=0, stream=True, logit_bias=BIAS or None,
                                                 stream_options={"include_usage": True}):
         if chunk.usage:
             tokens = chunk.usage.completion_tokens
@@ -136,7 +139,8 @@ def run_server(name, cmd, port, path, args):
         for clients in args.clients:
             print(f"  {name}: {clients} client(s) ...", file=sys.stderr, flush=True)
             out["levels"].append(load(url, str(path), clients, args.requests, args.max_tokens, args.words))
-        out["conversation"] = conversation(url, str(path), args.turn_words, args.max_tokens)
+        if args.turn_words:
+            out["conversation"] = conversation(url, str(path), args.turn_words, args.max_tokens)
         return out
     finally:
         stop_group(proc)
@@ -153,9 +157,10 @@ def table(runs) -> str:
             lines.append(f"{r['server']:<26} {lv['clients']:>7} {lv['tok_s']:>7.1f} {lv['ttft_p50_s']:>8.2f}s "
                          f"{lv['ttft_p99_s']:>6.2f}s {lv['itl_p50_ms']:>6.1f}ms {lv['itl_p99_ms']:>5.0f}ms "
                          f"{lv['errors']:>6}")
-        c = r["conversation"]
-        lines.append(f"{'':<26} {c['first_turn_words']}-word first turn TTFT {c['first_turn_ttft_s']:.2f}s, "
-                     f"follow-up {c['follow_up_ttft_s']:.2f}s ({c['follow_up_ratio']:.2f}x)")
+        c = r.get("conversation")
+        if c:
+            lines.append(f"{'':<26} {c['first_turn_words']}-word first turn TTFT {c['first_turn_ttft_s']:.2f}s, "
+                         f"follow-up {c['follow_up_ttft_s']:.2f}s ({c['follow_up_ratio']:.2f}x)")
     return "\n".join(lines)
 
 
@@ -166,7 +171,10 @@ def main(argv=None):
     p.add_argument("--requests", type=int, default=2, help="requests per client per level (default 2)")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--words", type=int, default=24, help="words per prompt (default 24)")
-    p.add_argument("--turn-words", type=int, default=1200, help="words of the long first chat turn")
+    p.add_argument("--turn-words", type=int, default=1200, help="words of the long first chat turn (0: none)")
+    p.add_argument("--model", help="a checkpoint directory instead of the synthesized one")
+    p.add_argument("--no-eos", action="store_true",
+                   help="ban end-of-sequence: every answer is --max-tokens long (random weights end early)")
     p.add_argument("--experts", type=int, default=32)
     p.add_argument("--top-k", type=int, default=4)
     p.add_argument("--servers", default=None, help="comma-separated subset of the server names' first word "
@@ -177,7 +185,12 @@ def main(argv=None):
 
     home = Path(os.environ.get("MLX_MOE_HOME", Path.home() / ".cache" / "mlx-moe"))
     spec = dict(MODEL, experts=args.experts, top_k=args.top_k)
-    path = synthesize(home / f"serve-bench-qwen3-moe-{args.experts}e{args.top_k}k", "qwen3_moe", **spec)
+    path = Path(args.model) if args.model else synthesize(
+        home / f"serve-bench-qwen3-moe-{args.experts}e{args.top_k}k", "qwen3_moe", **spec)
+    if args.no_eos:
+        from mlx_lm.utils import load_tokenizer
+
+        BIAS.update({str(t): -100 for t in load_tokenizer(path).eos_token_ids})
     port = free_port()
     chosen = servers(path, args.ranks, port)
     if args.servers:

@@ -34,8 +34,8 @@ def rank_main(spec: dict) -> None:
 
     from mlx_moe.parallel import comm
     from mlx_moe.loader import load_sharded
-    from mlx_moe.serve import engine as engine_mod
-    from mlx_moe.serve.engine import Engine, Job
+    from mlx_moe.serve.channel import Job
+from mlx_moe.serve.engine.core import Engine
 
     group = mx.distributed.init()
     model, tokenizer = load_sharded(spec["model"], group)

@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 import traceback
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Set
 
 PREFIX = "mlx-moe: rank"
 _LINE = re.compile(r"mlx-moe: rank (\d+) failed: (.*)")
@@ -112,6 +112,7 @@ class FirstFailure:
         self.failure: Optional[str] = None
         self._lock = threading.Lock()
         self._waits: List[threading.Timer] = []
+        self._pending: Set[int] = set()  # ranks whose exit waits for its reason
 
     def who(self, rank: int) -> str:
         return f"rank {rank} (host {self.hosts[rank]})" if rank < len(self.hosts) else f"rank {rank}"
@@ -120,7 +121,11 @@ class FirstFailure:
         failed = parse(line)
         if failed:
             self.reasons.setdefault(failed[0], failed[1])
-            self._decide(failed[0], "")  # printed just before it exits
+            # Printed just before it exits; but a rank whose exit came first
+            # (its wait below still running) failed first: this one may only
+            # have read garbage from a collective that rank broke.
+            if not any(rank != failed[0] for rank in self._pending):
+                self._decide(failed[0], "")
             return
         m = _RANK_EXIT.search(line)
         if m:
@@ -128,6 +133,7 @@ class FirstFailure:
             if rank in self.reasons:
                 self._decide(rank, how)
             else:
+                self._pending.add(rank)
                 timer = threading.Timer(self.REASON_WAIT, self._decide, (rank, how))
                 timer.daemon = True
                 timer.start()

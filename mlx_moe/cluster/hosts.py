@@ -57,6 +57,7 @@ class Cluster:
     names: List[str]  # each rank's host as the user named it
     hostfile: Hostfile  # what mlx.launch runs: ssh name 127.0.0.1 runs here
     path: Optional[str]  # hostfile written for mlx.launch; None: every rank is here, use --hosts
+    front: str = HERE  # this machine's address as rank 0 reaches it (the front of `mlx-moe serve`)
 
     @property
     def backend(self) -> str:
@@ -120,7 +121,8 @@ def resolve(hosts: Sequence[str], hostfile: Optional[str] = None, backend: Optio
         ips = [ip for ip in h.ips if not (away and _is_loopback(ip))]
         out.append(Host(h.rank, machine[h.ssh_hostname], ips or [address[machine[h.ssh_hostname]]], h.rdma))
     resolved = Hostfile(out, backend, given.envs)
-    return Cluster(names, resolved, _write(resolved))
+    rank0 = machine[names[0]]
+    return Cluster(names, resolved, _write(resolved), HERE if rank0 == HERE else probes[rank0]["client"])
 
 
 def _is_loopback(ip: str) -> bool:

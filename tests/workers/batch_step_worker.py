@@ -8,7 +8,8 @@ import sys
 import mlx.core as mx
 
 import mlx_moe
-from mlx_moe.serve.engine import Engine, Job
+from mlx_moe.serve.channel import Job
+from mlx_moe.serve.engine.core import Engine
 
 spec = json.loads(sys.argv[1])
 group = mx.distributed.init()

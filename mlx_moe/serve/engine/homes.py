@@ -24,8 +24,8 @@ from typing import Dict, List, Optional
 import mlx.core as mx
 import numpy as np
 
-from ..parallel import comm
-from ..parallel.data_parallel import current, home_tokens, idle_step
+from ...parallel import comm
+from ...parallel.data_parallel import current, home_tokens, idle_step
 
 FINISH = (None, "stop", "length")  # finish_reason <-> its code in a slot message
 ATTENTION = ("auto", "replicated", "data-parallel")

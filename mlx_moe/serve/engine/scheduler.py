@@ -20,6 +20,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 import mlx.core as mx
 import numpy as np
 
+from ..channel import QueueFull
+
 
 CANCELLED = "cancelled: the client went away"
 
@@ -30,10 +32,6 @@ def token_logprobs(logprobs: mx.array, token: int, k: int) -> Tuple[int, float, 
     v = np.array(logprobs.astype(mx.float32))
     top = np.argpartition(-v, k - 1)[:k] if k else []
     return token, float(v[token]), [(int(t), float(v[t])) for t in sorted(top, key=lambda t: -v[t])]
-
-
-class QueueFull(Exception):
-    pass
 
 
 @dataclass(eq=False)
@@ -78,9 +76,7 @@ class Scheduler:
                     job.emit(("error", self.closed))
                 return
             if len(self.waiting) + len(jobs) > self.max_waiting:
-                raise QueueFull(f"The server is busy: {len(self.waiting)} requests are already waiting"
-                                + (f" and this one brings {len(jobs)}" if len(jobs) > 1 else "")
-                                + f" (at most {self.max_waiting} wait). Retry later.")
+                raise QueueFull.of(len(self.waiting), len(jobs), self.max_waiting)
             self.waiting.extend(jobs)
             self.cond.notify()
 

@@ -25,7 +25,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
 
 from .chat import ChatFields, ChatOutput, build_prompt
-from .structured import Grammars, RequestError
+from ..structured import Grammars, RequestError
 
 
 @dataclass

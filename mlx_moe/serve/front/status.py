@@ -20,7 +20,7 @@ from typing import Callable, List, Optional
 from fastapi import APIRouter
 from fastapi.responses import FileResponse, JSONResponse
 
-from ..parallel.placement import spread
+from ...parallel.placement import spread
 
 PAGE = Path(__file__).with_name("status.html")
 HISTORY_SECONDS = 300
@@ -53,7 +53,7 @@ class Throughput:
 
 def _holdings(plan, size: int) -> List[dict]:
     """Per rank: experts held in each MoE layer (count and the plan's text)."""
-    from ..parallel.plan import experts_text
+    from ...parallel.plan import experts_text
 
     moe = plan.moe_layers if plan is not None else []
     ranks = []

@@ -20,21 +20,19 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .anthropic import Generation, anthropic_router
 from .chat import ChatOutput, build_prompt
-from .engine import Engine, Job
+from ..channel import Job, QueueFull
 from .http import DEFAULT_MAX_BODY_BYTES, BodyLimit, error_body, route_paths
 from .metrics import CountRequests, Metrics
-from .scheduler import QueueFull
 from .schema import DEFAULT_MAX_TOKENS, APIError, ChatRequest, CompletionRequest, Sampling, encode
 from .status import status_router
-from .structured import RequestError
+from ..structured import RequestError
 
 LOGPROB_FLOOR = -9999.0  # vLLM's, for -inf (not JSON)
 RETRY_AFTER = 1  # seconds a client refused for a full queue is told to wait
 
 
-def create_app(engine: Engine, model_id: str, context_length: int, plan_text: str = "",
-               api_key: Optional[str] = None, control_token: Optional[str] = None,
-               max_body_bytes: Optional[int] = None, cluster=None) -> FastAPI:
+def create_app(engine, model_id: str, context_length: int, plan_text: str = "",
+               api_key: Optional[str] = None, max_body_bytes: Optional[int] = None, cluster=None) -> FastAPI:
     app = FastAPI(title="mlx-moe", description="OpenAI-compatible API of an mlx-moe cluster")
     app.add_middleware(BodyLimit, limit=max_body_bytes or DEFAULT_MAX_BODY_BYTES)
     tokenizer = engine.tokenizer
@@ -43,7 +41,7 @@ def create_app(engine: Engine, model_id: str, context_length: int, plan_text: st
     @app.middleware("http")
     async def _auth(request: Request, call_next):
         # "/" is the status page: static, it asks for the key itself.
-        open_paths = ("/", "/health", "/internal/failure")
+        open_paths = ("/", "/health")
         if api_key and request.url.path not in open_paths:
             # OpenAI's clients send the key as a bearer token, Anthropic's as x-api-key.
             if (request.headers.get("authorization", "") != f"Bearer {api_key}"
@@ -76,15 +74,6 @@ def create_app(engine: Engine, model_id: str, context_length: int, plan_text: st
     @app.exception_handler(StarletteHTTPException)
     async def _http(request, e: StarletteHTTPException):
         return JSONResponse(error_body(str(e.detail)), status_code=e.status_code)
-
-    @app.post("/internal/failure", include_in_schema=False)
-    async def failure(request: Request):
-        # The launcher says which rank exited, so errors can name it.
-        if not control_token or request.headers.get("x-mlx-moe-control") != control_token:
-            raise APIError(403, "Not allowed.", code="forbidden")
-        engine.notice = str((await request.json()).get("reason", ""))[:500]
-        engine.noticed.set()
-        return {"ok": True}
 
     @app.get("/metrics")
     def prometheus_metrics():  # not async: rendering runs off the event loop

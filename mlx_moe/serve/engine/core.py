@@ -24,66 +24,28 @@ attention a request's home rank samples it.
 import dataclasses
 import faulthandler
 import os
-import random
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import List, Optional
 
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator, StopSequences, generation_stream
 from mlx_lm.sample_utils import make_logits_processors
 
-from ..cluster.failures import lost_peer, rank_failed
-from ..loader import log
-from ..parallel import comm, data_parallel
-from ..parallel.expert import expert_loads
-from ..patches import settled_clear_cache
-from ..sampling import request_sampler
+from ...cluster.failures import lost_peer, rank_failed
+from ...loader import log
+from ...parallel import comm, data_parallel
+from ...parallel.expert import expert_loads
+from ...patches import settled_clear_cache
+from ...sampling import request_sampler
+from ..channel import Job
 from .homes import FINISH, Members, Placement, SlotModel
 from .prefix_cache import PrefixCache
 from .progress import Progress
 from .exchange import StepExchange
 from .scheduler import Scheduler
-from .structured import Grammars
-
-
-@dataclass(eq=False)
-class Job:
-    prompt: List[int]
-    max_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: Optional[int] = None
-    stop: List[str] = field(default_factory=list)
-    stop_token_ids: List[int] = field(default_factory=list)  # end the answer, as end-of-sequence does
-    logit_bias: Dict[int, float] = field(default_factory=dict)
-    top_k: int = 0  # 0: every token
-    min_p: float = 0.0
-    # mlx-lm's penalties, over the last PENALTY_CONTEXT tokens (None / 0: off).
-    repetition_penalty: Optional[float] = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    grammar: Optional[str] = None  # Lark text the answer must follow (structured.Grammars)
-    # Log-probs of each token and of its `logprobs` most likely alternatives (None: none).
-    logprobs: Optional[int] = None
-    # Called on rank 0 from the engine thread: ("text", str) per piece (with
-    # logprobs: ("text", str, [(token, logprob, [(token, logprob), ...],
-    # offset of its text in the answer)] for the tokens since the last
-    # piece), then ("done", finish_reason, usage) or ("error", message).
-    emit: Callable = print
-    cancelled: bool = False  # the client went away (set by the HTTP side)
-
-    def spec(self) -> dict:
-        """What every rank needs to run it (stop strings stay on rank 0)."""
-        seed = self.seed % 2**64 if self.seed is not None else random.randrange(2**31)
-        return dict(prompt=self.prompt, max_tokens=self.max_tokens, temperature=self.temperature,
-                    top_p=self.top_p, top_k=self.top_k, min_p=self.min_p, seed=seed,
-                    repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
-                    frequency_penalty=self.frequency_penalty,
-                    logit_bias=[[k, v] for k, v in self.logit_bias.items()],
-                    grammar=self.grammar, stop_token_ids=self.stop_token_ids, logprobs=self.logprobs)
+from ..structured import Grammars
 
 
 class StopMatcher:
@@ -117,7 +79,6 @@ class StopMatcher:
         return out
 
 
-NOTICE_WAIT = 3.0
 PENALTY_CONTEXT = 20  # tokens the penalties look back over (mlx-lm's default)
 LOAD_REFRESH = 1.0  # seconds between expert-load snapshots while others run
 PREFILL_BATCH = 8  # prompts read together, in one padded chunk (mlx-lm's default)
@@ -166,10 +127,8 @@ class Engine:
         self.grammars = Grammars(tokenizer)
         self.ready = threading.Event()
         self.heartbeat, self.watchdog = heartbeat, watchdog
-        self.open_responses = 0  # HTTP responses still being written (rank 0)
         self.failure: Optional[str] = None  # set once the cluster is lost
-        self.notice: Optional[str] = None  # why, when the launcher knows (a rank exited)
-        self.noticed = threading.Event()
+        self.failed_elsewhere = False  # whether another rank failed first (see fail)
         self.expert_load = []  # ExpertLoad per MoE block, a recent snapshot (rank 0, for /metrics)
         self._load_time = 0.0
         self.on_failure = lambda reason: os._exit(3)
@@ -189,16 +148,18 @@ class Engine:
     def shutdown(self) -> None:
         self.scheduler.stop()
 
-    def fail(self, reason: str, error: Optional[Exception] = None) -> None:
+    def fail(self, reason: str, error: Optional[Exception] = None, elsewhere: bool = False) -> None:
         """The cluster is lost: end every job, running or waiting, with
         `reason`, refuse new ones, and let `on_failure` stop this rank.
-        `error`: this rank's own failure, reported for the launcher to pass on."""
+        `error`: this rank's own failure, reported for the launcher to pass
+        on. `elsewhere`: another rank failed first, and the launcher's log
+        says which (`failed_elsewhere`, for the front)."""
         # One step under the scheduler's lock: a job submitted meanwhile is
         # either drained here or refused by the closed scheduler, never left queued.
         with self.scheduler.cond:
             if self.failure:
                 return
-            self.failure = reason
+            self.failure, self.failed_elsewhere = reason, elsewhere
             jobs = self.scheduler.close(reason)
         for job in jobs:
             job.emit(("error", reason))
@@ -208,12 +169,6 @@ class Engine:
         else:
             log(f"[rank {self.rank}] {reason}")
         self.on_failure(reason)
-
-    def fail_with_notice(self, reason: str) -> None:
-        """Fail, naming the failed rank if the launcher says which within
-        NOTICE_WAIT seconds (it reads mlx.launch's log)."""
-        self.noticed.wait(NOTICE_WAIT)
-        self.fail(self.notice or reason)
 
     def stalled_for(self) -> float:
         """Seconds this rank has waited on the cluster without progress."""
@@ -248,7 +203,7 @@ class Engine:
                 pass
         except Exception as e:
             if lost_peer(e):
-                self.fail_with_notice(f"lost the cluster ({e})")
+                self.fail(f"lost the cluster ({e})", elsewhere=True)
             else:
                 # It may have failed on this rank only (out of memory, a
                 # Metal error), the others waiting inside this step's

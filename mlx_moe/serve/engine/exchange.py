@@ -20,7 +20,7 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.generate import generation_stream
 
-from ..parallel import comm
+from ...parallel import comm
 
 # A plan with a few removals, or one short request, fits in the header.
 HEADER_BYTES = 1024

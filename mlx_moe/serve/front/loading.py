@@ -1,11 +1,10 @@
-"""What rank 0 serves while the ranks load, and the switch to the real app.
+"""What the front serves while the ranks load, and the switch to the real app.
 
-Rank 0 listens before it loads: the status page, GET /v1/status and GET
-/health show each rank's progress, which the launcher relays (POST
-/internal/progress; the ranks cannot exchange anything else while they
-load); every other path is a 503 that says how far loading is, with
-Retry-After. Once the engine runs, Switch passes every request to the app
-of create_app instead.
+The front listens before the ranks start: the status page, GET /v1/status
+and GET /health show each rank's progress, which the launcher reads from
+the ranks' output; every other path is a 503 that says how far loading is
+(or why it failed), with Retry-After. Once rank 0's engine runs, Switch
+passes every request to the app of create_app instead.
 """
 
 import threading
@@ -23,8 +22,8 @@ FIELDS = {"host": str, "stage": str, "loaded_bytes": int, "load_total_bytes": in
 
 
 class Loading:
-    """Each rank's progress as the launcher last reported it (a dict per
-    rank, see status_router), and the failure it reported, if any."""
+    """Each rank's progress as the launcher last read it (a dict per rank,
+    see status_router), and the failure it found, if any."""
 
     def __init__(self, size: int):
         self._ranks = [{"rank": r, "stage": "starting", "progress": 0.0} for r in range(size)]
@@ -44,13 +43,9 @@ class Loading:
         return round(sum(min(1.0, max(0.0, r.get("progress", 0.0))) for r in self._ranks) / len(self._ranks), 4)
 
 
-def loading_app(loading: Loading, model_id: str, api_key: Optional[str] = None,
-                control_token: Optional[str] = None) -> FastAPI:
+def loading_app(loading: Loading, model_id: str, api_key: Optional[str] = None) -> FastAPI:
     app = FastAPI(title="mlx-moe (loading)")
     app.include_router(status_router(None, model_id, loading=loading))
-
-    def launcher(request: Request) -> bool:
-        return bool(control_token) and request.headers.get("x-mlx-moe-control") == control_token
 
     @app.middleware("http")
     async def _auth(request: Request, call_next):
@@ -60,20 +55,6 @@ def loading_app(loading: Loading, model_id: str, api_key: Optional[str] = None,
                 request.headers.get("x-api-key") != api_key:
             return JSONResponse(error_body("Missing or wrong API key.", code="invalid_api_key"), status_code=401)
         return await call_next(request)
-
-    @app.post("/internal/progress", include_in_schema=False)
-    async def progress(request: Request):
-        if not launcher(request):
-            return JSONResponse(error_body("Not allowed.", code="forbidden"), status_code=403)
-        loading.update((await request.json()).get("ranks", []))
-        return {"ok": True}
-
-    @app.post("/internal/failure", include_in_schema=False)
-    async def failure(request: Request):
-        if not launcher(request):
-            return JSONResponse(error_body("Not allowed.", code="forbidden"), status_code=403)
-        loading.failure = str((await request.json()).get("reason", ""))[:500]
-        return {"ok": True}
 
     @app.exception_handler(StarletteHTTPException)
     async def _not_yet(request, e):

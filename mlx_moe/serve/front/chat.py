@@ -16,7 +16,7 @@ from mlx_lm.generate import TextStateMachine, make_text_state_machine
 from mlx_lm.server import ToolCallFormatter
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, model_validator
 
-from .structured import Grammars, RequestError, ResponseFormat, build_grammar, think_open
+from ..structured import Grammars, RequestError, ResponseFormat, build_grammar, think_open
 
 
 class TextPart(BaseModel):
