@@ -28,6 +28,7 @@ from .link import FrontLink
 from .homes import ATTENTION, attention_mode
 
 DEFAULT_PROMPT_CACHE_BYTES = 2 * 2**30  # where the free memory is not known
+PEER_EXIT_WAIT = 30.0  # seconds rank 0, having lost a peer, waits for mlx.launch to stop it
 
 
 def context_length(model, override=None) -> int:
@@ -100,8 +101,13 @@ def serve(argv=None):
         link = FrontLink(engine, Ready(model.sharding_plan, plan, context_length(model, args.max_context),
                                        args.heartbeat, hosts))
 
-        def stop(reason, code=3):
+        def stop(reason, code=3, wait=True):
             link.failed(reason, engine.failed_elsewhere)  # the front ends the streams
+            if wait and engine.failed_elsewhere:
+                # Another rank failed first: mlx.launch stops this one once it
+                # sees that exit (on_term). Exiting now could make this exit
+                # the one the launcher reports first, naming the wrong rank.
+                time.sleep(PEER_EXIT_WAIT)
             os._exit(code)
 
         engine.on_failure = stop
@@ -109,7 +115,9 @@ def serve(argv=None):
         def on_term(signum, frame):
             # mlx.launch stops the survivors when a rank exits (a rank on
             # another host by SIGHUP: its ssh session ends).
-            engine.on_failure = lambda reason: stop(reason, 128 + signum)
+            if engine.failure:  # already stopped: waiting in stop() for this
+                os._exit(128 + signum)
+            engine.on_failure = lambda reason: stop(reason, 128 + signum, wait=False)
             engine.fail("the cluster is stopping (a rank exited or a stop was requested)", elsewhere=True)
 
         for sig in (signal.SIGTERM, signal.SIGHUP):

@@ -17,7 +17,9 @@ from ...loader import load_tokenizer_of, log
 from ..channel import Cancel, Event, Failed, Loads, QueueFull, Ready, Step, Submit, accept, address, job_fields, listen
 from ..structured import Grammars
 
-NOTICE_WAIT = 3.0  # seconds a lost rank 0 waits for the launcher to say which rank failed
+# Seconds a failure rank 0 reports waits for the launcher to say which rank
+# failed first; it ends when the launcher speaks (mlx.launch runs niced: slow under load).
+NOTICE_WAIT = 10.0
 FLUSH_WAIT = 5.0  # seconds open responses get to deliver their error
 FAILED_LINGER = 10.0  # seconds /health keeps saying why after a failure, before the exit
 HTTP_STOP_SLACK = 1.0  # uvicorn's own steps around its graceful wait (a tick, a pause, cancelling)
