@@ -170,10 +170,6 @@ class Engine:
             log(f"[rank {self.rank}] {reason}")
         self.on_failure(reason)
 
-    def stalled_for(self) -> float:
-        """Seconds this rank has waited on the cluster without progress."""
-        return self.progress.stalled_for()
-
     def _watch(self) -> None:
         while self.failure is None and not self._done:
             # Last resort if a native call holds the GIL through a stall, so
