@@ -5,9 +5,11 @@ What a sharded model adds to mlx-lm's loop:
 - every rank must pass the same batch: before any model step the ranks
   exchange a digest of their prompts and settings, and a difference fails
   every rank with the rank, the prompt and the field;
-- every rank must draw the same tokens without exchanging them: each prompt
-  samples with its own seeded key (`sampling.request_sampler`), so a seeded
-  prompt also gets the same text alone or in any batch;
+- every rank must feed the model the same tokens: rank 0 draws them, each
+  prompt with its own seeded key (`sampling.request_sampler`, so a seeded
+  prompt gets the same text alone or in any batch), and before each step
+  the others take rank 0's, lazily (ranks on different Macs compute
+  slightly different floats and would draw apart at a near tie);
 - the last step's collectives may still be in flight when the batch ends:
   they are settled before the ranks go on.
 """
@@ -107,14 +109,19 @@ def batch_generate(
     # gives the generator one sampler for the whole batch; each prompt here
     # needs its own (BatchGenerator.insert takes one per prompt).
     gen = BatchGenerator(model, stop_tokens=[[t] for t in tokenizer.eos_token_ids], **options)
+    draws = group.rank() == 0  # the others follow rank 0's tokens (greedy until they do)
     uids = gen.insert(ids, [s["max_tokens"] for s in specs],
-                      samplers=[request_sampler(s) for s in specs])
+                      samplers=[request_sampler(s) if draws else None for s in specs])
     verbose = verbose and group.rank() == 0  # one rank prints
     results = {uid: [] for uid in uids}
     logprobs = {uid: [] for uid in uids}
     caches, finished = {}, 0
     with gen.stats() as stats:
-        while responses := gen.next_generated():
+        while True:
+            _follow_rank0(gen, group)
+            prompts_read, responses = gen.next()
+            if not (prompts_read or responses):
+                break
             for r in responses:
                 if r.finish_reason is not None:
                     if return_prompt_caches:
@@ -142,6 +149,15 @@ def batch_generate(
         [caches[uid] for uid in uids] if return_prompt_caches else None,
         [results[uid] for uid in uids] if return_token_ids else None,
         [logprobs[uid] for uid in uids] if return_logprobs else None)
+
+
+def _follow_rank0(gen: BatchGenerator, group) -> None:
+    """The running sequences' next inputs become rank 0's draws, inside the
+    graph (no wait for them here)."""
+    batch = gen._generation_batch  # mlx-lm is pinned below 0.33
+    if group.size() > 1 and len(batch) > 0:
+        with mx.stream(gen._stream):
+            batch._next_tokens = comm.broadcast(batch._next_tokens, 0, group)
 
 
 def _requests(tokenizer, prompts, settings: dict, raw: bool, kwargs: dict):

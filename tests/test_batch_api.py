@@ -1,7 +1,8 @@
 """mlx_moe.batch_generate on real ranks: every rank gets the same texts,
-each the single-process greedy answer; a seeded prompt samples the same
-text alone and in a batch; ranks that pass different batches all fail,
-naming the difference, and stay in step for the next call."""
+each the single-process greedy answer, even with noise on rank 1's logits
+(the ranks follow rank 0's tokens); a seeded prompt samples the same text
+alone and in a batch; ranks that pass different batches all fail, naming
+the difference, and stay in step for the next call."""
 
 import pytest
 
@@ -11,6 +12,7 @@ from conftest import launch
 QUESTIONS = ["hi", "Where does the river run?", "Name three birds that sing at dawn near the water", "Why?"]
 SEEDED = "Tell me a story"
 SAMPLED = {"temperature": 1.0, "max_tokens": 12}
+NOISE = 0.05  # uniform in +-NOISE on every logit of rank 1 (as test_noisy_rank's)
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +39,8 @@ def test_two_ranks(model_path, tmp_path):
         {"prompts": [SEEDED], "seed": 7, **SAMPLED},
         {"prompts": ["hi", SEEDED, "Why?"], "seed": [3, 7, 5], **SAMPLED},
     ]
-    outs = launch("batch_api_worker", {"checkpoint": str(model_path), "calls": calls}, 2, tmp_path)
+    outs = launch("batch_api_worker", {"checkpoint": str(model_path), "calls": calls, "noise": NOISE}, 2,
+                  tmp_path)
     assert outs[0] == outs[1]  # the same texts, and the same error, on every rank
     mismatch, batch, alone, together = outs[0]
     assert "rank 1 and rank 0 differ in prompt 1's tokens" in mismatch["error"], mismatch
@@ -50,7 +53,8 @@ def test_two_ranks(model_path, tmp_path):
 def test_three_ranks(model_path, tmp_path):
     greedy = greedy_batch(model_path)
     calls = [{**greedy, "on_rank": {"2": {"max_tokens": [8, 12, 16, 10, 15]}}}, greedy]
-    outs = launch("batch_api_worker", {"checkpoint": str(model_path), "calls": calls}, 3, tmp_path)
+    outs = launch("batch_api_worker", {"checkpoint": str(model_path), "calls": calls, "noise": NOISE}, 3,
+                  tmp_path)
     assert outs[0] == outs[1] == outs[2]
     mismatch, batch = outs[0]
     assert "rank 2 and rank 0 differ in prompt 4's max_tokens: 15 vs 14" in mismatch["error"], mismatch

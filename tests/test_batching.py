@@ -198,10 +198,9 @@ def test_the_prompts_of_one_request_join_the_batch_together_or_not_at_all():
     the late ones left-pad to the others' progress), and a queue without room
     for all takes none."""
     from mlx_moe.serve.channel import Job, QueueFull
-    from mlx_moe.serve.engine.core import StopMatcher
     from mlx_moe.serve.engine.scheduler import Scheduler
 
-    scheduler = Scheduler(None, StopMatcher, max_running=4, max_waiting=3)
+    scheduler = Scheduler(max_running=4, max_waiting=3)
     jobs = [Job(prompt=[1, 2 + i], max_tokens=4) for i in range(4)]
     with pytest.raises(QueueFull, match="this one brings 4"):
         scheduler.submit(*jobs)

@@ -137,6 +137,12 @@ def _popen(argv, **kw):
     return proc
 
 
+def with_log(e: AssertionError, proc) -> AssertionError:
+    """A failed check, with what the server printed."""
+    proc.drain.join(1)
+    return AssertionError(f"{e}\n--- mlx-moe serve's stderr, its end ---\n{''.join(proc.log)[-4000:]}")
+
+
 def _serve(model_path, *extra, **kw):
     port = free_port()
     proc = _popen([sys.executable, "-m", "mlx_moe.cli", "serve", "--hosts", "127.0.0.1,127.0.0.1",
@@ -201,6 +207,8 @@ def _kill_rank_1(model_path, streaming: bool):
         with pytest.raises(urllib.error.URLError):
             urllib.request.urlopen(url + "/health", timeout=5)
         assert _processes_with(marker) == []
+    except AssertionError as e:
+        raise with_log(e, proc) from e
     finally:
         stop_group(proc)
 
@@ -239,6 +247,8 @@ def test_stalled_rank_is_caught_by_the_watchdog(model_path):
         assert time.monotonic() - stopped < 60
         assert code != 0 and "no progress from the cluster" in err, err[-2000:]
         assert _processes_with(marker) == []
+    except AssertionError as e:
+        raise with_log(e, proc) from e
     finally:
         stop_group(proc)
 

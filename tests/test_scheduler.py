@@ -6,18 +6,21 @@ hold what Engine.submit, Engine.fail and the front's client use."""
 import sys
 import threading
 import types
+from collections import deque
 
+import mlx.core as mx
 import pytest
 
 from mlx_moe.serve.channel import Job
-from mlx_moe.serve.engine.core import Engine, StopMatcher
+from mlx_moe.serve.engine.core import Engine
 from mlx_moe.serve.engine.scheduler import Scheduler
+from mlx_moe.serve.front.answers import Answer
 
 REASON = "lost the cluster"
 
 
 def _engine(scheduler=None):
-    return types.SimpleNamespace(scheduler=scheduler or Scheduler(None, StopMatcher, 4, 10**6),
+    return types.SimpleNamespace(scheduler=scheduler or Scheduler(4, 10**6),
                                  failure=None, rank=0, on_failure=lambda reason: None)
 
 
@@ -30,7 +33,7 @@ def _terminal(events: list) -> list:
 
 
 def test_a_job_submitted_after_close_gets_the_error():
-    scheduler = Scheduler(None, StopMatcher, 4, 8)
+    scheduler = Scheduler(4, 8)
     waiting = [[], []]
     scheduler.submit(*(_job(e) for e in waiting))
     assert len(scheduler.close(REASON)) == 2 and not scheduler.waiting
@@ -52,7 +55,7 @@ def test_a_failure_between_a_submit_and_its_queueing_still_ends_the_job():
             failing.join(1)  # done, or blocked on this scheduler's lock
             super().submit(*jobs)
 
-    engine.scheduler = FailFirst(None, StopMatcher, 4, 8)
+    engine.scheduler = FailFirst(4, 8)
     events = []
     Engine.submit(engine, _job(events))
     assert events == [("error", REASON)] and not engine.scheduler.waiting
@@ -91,15 +94,22 @@ def test_an_answer_that_ends_as_the_cluster_fails_gets_no_done():
     """The failure (another thread) drains a running job while the step
     that finishes it is delivering: its error was its end."""
     engine, events = _engine(), []
-    detokenizer = types.SimpleNamespace(text="", last_segment="", add_token=lambda token: None,
-                                        finalize=lambda: Engine.fail(engine, REASON))
-    scheduler = engine.scheduler = Scheduler(types.SimpleNamespace(detokenizer=detokenizer), StopMatcher, 4, 8)
-    scheduler.submit(_job(events))
+
+    class FailingRaw(deque):  # the log-probs are read between the two looks at the running jobs
+        def popleft(self):
+            Engine.fail(engine, REASON)
+            return mx.zeros(8)
+
+    scheduler = engine.scheduler
+    job = _job(events)
+    job.logprobs = 1
+    scheduler.submit(job)
     scheduler.plan(0)
     scheduler.joined([7], [0])
+    scheduler.running[7].raw = FailingRaw()
     finished = types.SimpleNamespace(uid=7, token=3, logprobs=None, finish_reason="length")
     scheduler.deliver([finished], lambda: None)
-    assert _terminal(events) == [("error", REASON)]
+    assert events == [("error", REASON)]
 
 
 def test_a_rank_that_exited_first_is_named_over_one_that_then_failed():
@@ -139,7 +149,7 @@ def test_the_front_names_the_rank_that_failed_first(monkeypatch, notice, elsewhe
 
     monkeypatch.setattr(process, "NOTICE_WAIT", 0.5)
     client, events = _front_client(), []
-    client.jobs[0] = _job(events)
+    client.jobs[0] = Answer(_job(events), None)
     reason = "lost the cluster ([ring] connection to a peer was lost)" if elsewhere else \
         "no progress from the cluster for 9 s"
     failing = threading.Thread(target=client._rank0_failed, args=(channel.Failed(reason, elsewhere),))

@@ -77,17 +77,18 @@ from mlx_moe.serve.engine.core import Engine
         jobs, t0 = [], time.perf_counter()
         if group.rank() == 0:
             for c in range(level):
-                record = {"first": None, "tokens": 0, "text": ""}
+                record = {"first": None, "tokens": 0, "ids": []}
                 prompt = tokenizer.apply_chat_template(
                     [{"role": "user", "content": prompt_for(c, 0, spec["words"])}], add_generation_prompt=True)
 
-                def emit(event, record=record):
-                    if event[0] == "text":
+                def emit(event, record=record):  # ("token", id, finish, logprobs, cached): text is the front's
+                    if event[0] == "token":
                         record["first"] = record["first"] or time.perf_counter()
-                        record["text"] += event[1]
-                    elif event[0] == "done":
-                        record["tokens"] = event[2]["completion_tokens"]
-                        record["end"] = time.perf_counter()
+                        record["tokens"] += 1
+                        if event[2] != "stop":  # end-of-sequence has no text
+                            record["ids"].append(event[1])
+                        if event[2]:
+                            record["end"] = time.perf_counter()
 
                 jobs.append(record)
                 engine.submit(Job(prompt=prompt, max_tokens=spec["max_tokens"], temperature=0.0, emit=emit))
@@ -111,7 +112,7 @@ from mlx_moe.serve.engine.core import Engine
             results.append({"clients": level, "wall_s": wall, "tok_s": sum(r["tokens"] for r in jobs) / wall,
                             "ttft_p50_s": percentile(ttfts, 50), "ttft_p99_s": percentile(ttfts, 99),
                             "first_text_p50_s": percentile(texts, 50), "first_text_p99_s": percentile(texts, 99),
-                            "answers": [r["text"] for r in jobs], "steps": steps[first_step:]})
+                            "answers": [tokenizer.decode(r["ids"]) for r in jobs], "steps": steps[first_step:]})
     engine.scheduler.stop()
     engine.step(generator, live)
     if group.rank() == 0:

@@ -40,15 +40,18 @@ class Job:
     grammar: Optional[str] = None  # Lark text the answer must follow (structured.Grammars)
     # Log-probs of each token and of its `logprobs` most likely alternatives (None: none).
     logprobs: Optional[int] = None
-    # Called on rank 0 from the engine thread: ("text", str) per piece (with
-    # logprobs: ("text", str, [(token, logprob, [(token, logprob), ...],
-    # offset of its text in the answer)] for the tokens since the last
-    # piece), then ("done", finish_reason, usage) or ("error", message).
+    # Its events. On rank 0 (engine thread): ("token", token id, finish
+    # reason or None, (token, logprob, [(token, logprob), ...]) or None,
+    # prompt tokens cached) per step, or ("error", message). On the front,
+    # for app.py (answers.Answer makes them of the tokens): ("text", str)
+    # per piece (with logprobs: ("text", str, [(token, logprob, top, offset
+    # of its text in the answer)]) for the tokens since the last piece), then
+    # ("done", finish_reason, usage) or ("error", message).
     emit: Callable = print
     cancelled: bool = False  # the client went away (set by the HTTP side)
 
     def spec(self) -> dict:
-        """What every rank needs to run it (stop strings stay on rank 0)."""
+        """What every rank needs to run it (stop strings stay on the front)."""
         seed = self.seed % 2**64 if self.seed is not None else random.randrange(2**31)
         return dict(prompt=self.prompt, max_tokens=self.max_tokens, temperature=self.temperature,
                     top_p=self.top_p, top_k=self.top_k, min_p=self.min_p, seed=seed,
@@ -66,11 +69,11 @@ class QueueFull(Exception):
                    + f" (at most {most} wait). Retry later.")
 
 
-JOB_FIELDS = [f.name for f in fields(Job) if f.name not in ("emit", "cancelled")]
+JOB_FIELDS = [f.name for f in fields(Job) if f.name not in ("emit", "cancelled", "stop")]
 
 
 def job_fields(job: Job) -> dict:
-    """What the engine needs of a job, to send."""
+    """What the engine needs of a job, to send (stop strings are the front's)."""
     return {name: getattr(job, name) for name in JOB_FIELDS}
 
 
@@ -109,7 +112,9 @@ class Event:
 
 @dataclass
 class Step:
-    """After each engine step: the batch, for metrics and the status page."""
+    """After each engine step: its tokens (one message, whatever the batch),
+    and the batch, for metrics and the status page."""
+    events: List[tuple]  # (job id, event): the step's ("token", ...) events, in order
     running: int
     waiting: int
     decoded: int  # sequences that got a token this step

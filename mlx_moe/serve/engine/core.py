@@ -16,8 +16,9 @@ others feed the model rank 0's tokens, which travel in the step's exchange
 computes), so ranks whose floats differ (mixed Macs) stay in step.
 End-of-sequence and max_tokens then end a sequence inside the generator
 identically everywhere, and so do a request's stop token ids (they are in
-the plan). Stop strings are matched on rank 0, which removes the sequence
-in a later plan. Log-probs are read on rank 0 only. Under data-parallel
+the plan). Rank 0 sends each token id and its log-probs to the front,
+which detokenizes and matches stop strings (a stop string reached removes
+the sequence in a later plan, as a cancel does). Under data-parallel
 attention a request's home rank samples it.
 """
 
@@ -27,7 +28,7 @@ import os
 import threading
 import time
 from collections import deque
-from typing import List, Optional
+from typing import Optional
 
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator, StopSequences, generation_stream
@@ -46,37 +47,6 @@ from .progress import Progress
 from .exchange import StepExchange
 from .scheduler import Scheduler
 from ..structured import Grammars
-
-
-class StopMatcher:
-    """Holds back text that may be the start of a stop string, and finds
-    the first complete one."""
-
-    def __init__(self, stops: List[str]):
-        self.stops = [s for s in stops if s]
-        self.pending = ""
-
-    def feed(self, text: str):
-        """(text safe to emit now, whether a stop string was reached)."""
-        self.pending += text
-        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            out, self.pending = self.pending[: min(hits)], ""
-            return out, True
-        keep = max((len(s) - 1 for s in self.stops), default=0)
-        # Keep the longest tail that is a prefix of some stop string.
-        cut = len(self.pending)
-        for k in range(min(keep, len(self.pending)), 0, -1):
-            tail = self.pending[-k:]
-            if any(s.startswith(tail) for s in self.stops):
-                cut = len(self.pending) - k
-                break
-        out, self.pending = self.pending[:cut], self.pending[cut:]
-        return out, False
-
-    def flush(self) -> str:
-        out, self.pending = self.pending, ""
-        return out
 
 
 PENALTY_CONTEXT = 20  # tokens the penalties look back over (mlx-lm's default)
@@ -122,7 +92,7 @@ class Engine:
         self.placement = Placement(group.size(), attention, room=max_concurrency)  # rank 0's
         self.kv_bytes = [0] * group.size()  # KV cache bytes per rank, after the last step (rank 0)
         self.max_concurrency, self.prefill_step_size = max_concurrency, prefill_step_size
-        self.scheduler = Scheduler(tokenizer, StopMatcher, max_concurrency, max_queue)
+        self.scheduler = Scheduler(max_concurrency, max_queue)
         self.prefix = PrefixCache(prompt_cache_bytes)
         self.grammars = Grammars(tokenizer)
         self.ready = threading.Event()

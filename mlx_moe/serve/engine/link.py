@@ -1,8 +1,9 @@
 """Rank 0's end of the channel to the front (channel.py): the front's jobs
 go into the engine, and each job's events and each step's counts go back.
 
-Token ids in, text and log-probs out: the front built the prompt; rank 0
-schedules, samples and detokenizes. A lost front (its process ended) stops
+Token ids in, token ids and log-probs out: the front built the prompt and
+makes the text; rank 0 schedules and samples. A step's tokens leave in
+one message, with its counts. A lost front (its process ended) stops
 the cluster: nobody could be answered."""
 
 import threading
@@ -18,6 +19,7 @@ class FrontLink:
         self.conn = connect()
         self.lock = threading.Lock()  # the engine thread and this one both send
         self.jobs = {}  # id -> Job in the engine
+        self.tokens = []  # (id, event): this step's token events, sent with its counts
         self.loads = None  # the expert loads last sent
         self.send(ready)
         self.send(Loads(expert_loads(engine.model)))  # zeros, before the engine thread runs (it evaluates)
@@ -53,12 +55,17 @@ class FrontLink:
                 self.engine.cancel(self.jobs[message.id])
 
     def _emit(self, id: int, event: tuple) -> None:
-        if event[0] in ("done", "error"):
-            self.jobs.pop(id, None)
-            if self.engine.failure:
-                return  # Failed says why; the front ends the job, naming the rank if the launcher can
+        if event[0] == "token" and not event[2]:
+            self.tokens.append((id, event))  # the engine thread's, until on_step
+            return
+        self.jobs.pop(id, None)
+        if self.engine.failure:
+            return  # Failed says why; the front ends the job, naming the rank if the launcher can
+        if event[0] == "token":
             self._send_loads()  # an answer's end comes after the loads that count it
-        self.send(Event(id, event))
+            self.tokens.append((id, event))
+        else:
+            self.send(Event(id, event))
 
     def _send_loads(self) -> None:
         if self.engine.expert_load is not self.loads:
@@ -69,7 +76,8 @@ class FrontLink:
         now = time.perf_counter()
         active = [(id, a.tokens, now - a.first if a.tokens else 0.0) for id, a in self._running()]
         self._send_loads()
-        self.send(Step(running, waiting, decoded, list(self.engine.kv_bytes), active))
+        tokens, self.tokens = self.tokens, []
+        self.send(Step(tokens, running, waiting, decoded, list(self.engine.kv_bytes), active))
 
     def _running(self):
         ids = {job: id for id, job in list(self.jobs.items())}

@@ -3,13 +3,13 @@
 Every step, rank 0 writes a plan, a small piece of data: the requests that
 join the batch (prompt tokens, max_tokens, sampling settings, a seed) and
 the ids of those that leave (cancelled by their client, or a stop string
-reached). The step's exchange (exchange.py) gives it to every rank, which
-applies it a step later to its mlx-lm BatchGenerator in the same order, so
-the ids the generator assigns agree, and runs the same step.
+the front found). The step's exchange (exchange.py) gives it to every
+rank, which applies it a step later to its mlx-lm BatchGenerator in the
+same order, so the ids the generator assigns agree, and runs the same step.
 End-of-sequence, stop token ids and max_tokens end a sequence inside the
-generator, identically on every rank (they see the same tokens);
-text, stop strings, log-probs and the clients live on rank 0 only
-(`Scheduler`)."""
+generator, identically on every rank (they see the same tokens). Rank 0
+sends each token id, with its log-probs, to its job (`Scheduler`); text
+and stop strings live on the front (front/answers.py)."""
 
 import threading
 import time
@@ -36,23 +36,19 @@ def token_logprobs(logprobs: mx.array, token: int, k: int) -> Tuple[int, float, 
 
 @dataclass(eq=False)
 class Active:
-    """A request in the batch (rank 0): its client and text state."""
+    """A request in the batch (rank 0)."""
     job: object
-    detokenizer: object
-    stops: object
     tokens: int = 0
     first: float = 0.0  # when its first token came
     cached: int = 0  # prompt tokens the prefix cache held
     raw: Optional[deque] = None  # the model's own log-probs per step (Engine.capture_raw)
-    logprobs: Optional[list] = None  # (token_logprobs..., text offset) of tokens whose text is not sent yet
 
 
 class Scheduler:
     """Rank 0: the waiting requests (at most `max_waiting`), the running ones
     (at most `max_running`), and the plan of each step."""
 
-    def __init__(self, tokenizer, make_stops: Callable, max_running: int, max_waiting: int):
-        self.tokenizer, self.make_stops = tokenizer, make_stops
+    def __init__(self, max_running: int, max_waiting: int):
         self.max_running, self.max_waiting = max_running, max_waiting
         self.cond = threading.Condition()
         self.waiting: deque = deque()
@@ -119,17 +115,17 @@ class Scheduler:
         """The generator's ids for the jobs of the oldest plan not yet
         applied, and how many prompt tokens of each the prefix cache held."""
         for uid, job, n in zip(uids, self.joining.popleft(), cached):
-            self.running[uid] = Active(job, self.tokenizer.detokenizer, self.make_stops(job.stop), cached=n,
-                                       logprobs=None if job.logprobs is None else [])
+            self.running[uid] = Active(job, cached=n)
 
     def _leave(self, uid: int) -> None:
         self.running.pop(uid, None)
         self.leaving.append(uid)
 
     def deliver(self, responses, before_done: Callable) -> None:
-        """Text of each generated token to its client; a request that ends
-        gets its usage (`before_done` runs first, once per step)."""
-        ended = []
+        """Each generated token to its job: ("token", token id, finish_reason or
+        None, log-probs or None, prompt tokens the prefix cache held).
+        `before_done` runs first when an answer ends (once per step)."""
+        events, ended = [], False
         for r in responses:
             active = self.running.get(r.uid)
             if active is None:  # cancelled at this step
@@ -137,49 +133,22 @@ class Scheduler:
             active.tokens += 1
             if active.tokens == 1:
                 active.first = time.perf_counter()
-            detok = active.detokenizer
+            k = active.job.logprobs
             step_logprobs = active.raw.popleft() if active.raw is not None else r.logprobs
-            if r.finish_reason != "stop":  # end-of-sequence and stop token ids give no text
-                if active.logprobs is not None:  # with where its text starts
-                    active.logprobs.append((*token_logprobs(step_logprobs, r.token, active.job.logprobs),
-                                            len(detok.text)))
-                detok.add_token(r.token)
+            # End-of-sequence and stop token ids give no text, so no log-probs.
+            logprobs = token_logprobs(step_logprobs, r.token, k) if k is not None and r.finish_reason != "stop" \
+                else None
             if r.finish_reason:
-                detok.finalize()
-            text, stopped = active.stops.feed(detok.last_segment)
-            self._send(active, text)
-            if stopped or r.finish_reason:
                 with self.cond:
                     if self.running.get(r.uid) is not active:  # a failure drained it: it has its error
                         continue
-                    if stopped and not r.finish_reason:
-                        self._leave(r.uid)  # the generator still runs it
-                    else:
-                        self.running.pop(r.uid)
-                self._send(active, active.stops.flush(), last=True)
-                ended.append((active, "stop" if stopped else r.finish_reason))
+                    self.running.pop(r.uid)
+                ended = True
+            events.append((active.job, ("token", r.token, r.finish_reason, logprobs, active.cached)))
         if ended:
             before_done()
-        for active, finish in ended:
-            job, n = active.job, active.tokens
-            elapsed = time.perf_counter() - active.first
-            active.job.emit(("done", finish, {
-                "prompt_tokens": len(job.prompt), "completion_tokens": n,
-                "total_tokens": len(job.prompt) + n, "cached_tokens": active.cached,
-                # mlx-lm's rate: from the first token on.
-                "generation_tps": n / elapsed if elapsed > 0 else 0.0,
-            }))
-
-    @staticmethod
-    def _send(active: Active, text: str, last: bool = False) -> None:
-        """A piece of text to the client, with the log-probs of its tokens
-        (held back with the text; the `last` piece takes any left)."""
-        if active.logprobs is None:
-            if text:
-                active.job.emit(("text", text))
-        elif text or (last and active.logprobs):
-            active.job.emit(("text", text, active.logprobs))
-            active.logprobs = []
+        for job, event in events:
+            job.emit(event)
 
     def close(self, reason: str) -> list:
         """Take no more jobs (submit ends them with `reason`); every job not

@@ -181,8 +181,8 @@ def chat_fields(req: MessagesRequest) -> ChatFields:
 
 
 def stop_reason(finish: str, usage: dict, made_call: bool):
-    """(stop_reason, stop_sequence). The engine may name the stop string it
-    met as usage["stop_sequence"]; otherwise a stop is an end of turn."""
+    """(stop_reason, stop_sequence): usage["stop_sequence"] names the stop
+    string met (answers.Answer); otherwise a stop is an end of turn."""
     if usage.get("stop_sequence"):
         return "stop_sequence", usage["stop_sequence"]
     if made_call:

@@ -3,7 +3,8 @@ typed and on no engine core. It serves HTTP from the start (the loading
 page while the ranks load), starts the ranks, and once rank 0's engine has
 connected (channel.py) serves the API: templates, tokenizing, tool and
 reasoning parsing, metrics and the status page live here; rank 0 gets
-token ids and sends back text, log-probs and counts. It outlives the
+token ids and sends back token ids, log-probs and counts, which become
+text here (answers.py). It outlives the
 ranks: when they fail it ends every stream with the reason (naming the
 rank, from the launcher's log), keeps /health saying why for a moment,
 then exits non-zero."""
@@ -16,6 +17,7 @@ from typing import Callable, Dict, List, Optional
 from ...loader import load_tokenizer_of, log
 from ..channel import Cancel, Event, Failed, Loads, QueueFull, Ready, Step, Submit, accept, address, job_fields, listen
 from ..structured import Grammars
+from .answers import Answer
 
 # Seconds a failure rank 0 reports waits for the launcher to say which rank
 # failed first; it ends when the launcher speaks (mlx.launch runs niced: slow under load).
@@ -40,7 +42,7 @@ class EngineClient:
         self.scheduler = self  # counts() and running, for the status page
         self.max_running, self.max_waiting = max_running, max_waiting
         self.lock = threading.Lock()
-        self.jobs: Dict[int, object] = {}  # id -> Job sent and not ended
+        self.jobs: Dict[int, Answer] = {}  # id -> the answer of a job sent and not ended
         self.running: Dict[int, types.SimpleNamespace] = {}  # id -> (job, tokens, first), from the last step
         self._counts = (0, 0)
         self.kv_bytes = [0] * len(ready.hosts)
@@ -70,7 +72,7 @@ class EngineClient:
             self.next_id += len(jobs)
             for id, job in zip(ids, jobs):
                 job.id = id
-                self.jobs[id] = job
+                self.jobs[id] = Answer(job, self.tokenizer.detokenizer)
             self._send(Submit(ids, [job_fields(job) for job in jobs]))
 
     def cancel(self, job) -> None:
@@ -91,9 +93,9 @@ class EngineClient:
             if self.failure:
                 return
             self.failure = reason
-            jobs, self.jobs = list(self.jobs.values()), {}
-        for job in jobs:
-            job.emit(("error", reason))
+            answers, self.jobs = list(self.jobs.values()), {}
+        for answer in answers:
+            answer.job.emit(("error", reason))
         log(f"mlx-moe: {reason}")
 
     def notify(self, reason: str) -> None:
@@ -143,20 +145,32 @@ class EngineClient:
         self.fail(notice if use_notice else message.reason)
 
     def _event(self, id: int, event: tuple) -> None:
+        """One of job `id`'s events. Under the lock: a failure ends a job
+        either before its last events or after, never between."""
         with self.lock:
-            job = self.jobs.get(id)
-            if job is not None and event[0] in ("done", "error"):
+            answer = self.jobs.get(id)
+            if answer is None:  # ended (a stop string, a failure) or cancelled
+                return
+            if event[0] == "token":
+                _, token, finish, logprobs, cached = event
+                ended = answer.token(token, finish, logprobs, cached)
+                if ended and not finish:  # a stop string: the engine still runs it
+                    self._send(Cancel(id))
+            else:
+                ended = True
+                answer.job.emit(event)
+            if ended:
                 del self.jobs[id]
-        if job is not None:
-            job.emit(event)
 
     def _step(self, step: Step) -> None:
+        for id, event in step.events:
+            self._event(id, event)
         now = time.perf_counter()
         running = {}
         for id, tokens, seconds in step.active:
-            job = self.jobs.get(id)
-            if job is not None:
-                running[id] = types.SimpleNamespace(job=job, tokens=tokens, first=now - seconds)
+            answer = self.jobs.get(id)
+            if answer is not None:
+                running[id] = types.SimpleNamespace(job=answer.job, tokens=tokens, first=now - seconds)
         self.running, self._counts, self.kv_bytes = running, (step.running, step.waiting), step.kv_bytes
         self.on_step(step.running, step.waiting, step.decoded, sum(step.kv_bytes))
 
