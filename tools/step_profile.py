@@ -35,7 +35,7 @@ def rank_main(spec: dict) -> None:
     from mlx_moe.parallel import comm
     from mlx_moe.loader import load_sharded
     from mlx_moe.serve.channel import Job
-from mlx_moe.serve.engine.core import Engine
+    from mlx_moe.serve.engine.core import Engine
 
     group = mx.distributed.init()
     model, tokenizer = load_sharded(spec["model"], group)
