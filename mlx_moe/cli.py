@@ -38,8 +38,10 @@ def _add_cluster_args(p):
                         "default: the hostfile's, else ring")
     p.add_argument("--python", help="the Python interpreter on every host (default: this one's path, "
                                     "which must then exist on every host)")
-    p.add_argument("--strategy", default="auto", choices=["auto", "expert", "pipeline"],
-                   help="auto: expert parallel for MoE models, else pipeline")
+    p.add_argument("--strategy", default="auto", choices=["auto", "expert", "hybrid", "pipeline"],
+                   help="auto: expert parallel for MoE models, else pipeline; hybrid: expert-parallel "
+                        "experts with attention split by heads and dense MLPs and shared experts by "
+                        "tensor parallel")
     p.add_argument("--max-collective-bytes", type=int, default=None,
                    help="largest message any collective sends; bigger ones are split "
                         "(default 512 KiB, or $MLX_MOE_MAX_COLLECTIVE_BYTES)")

@@ -126,7 +126,7 @@ def _with_stand_ins(stand_ins: dict):
 
 
 def _share(plan: ShardingPlan) -> str:
-    if plan.strategy == "expert":
+    if plan.splits_experts:
         first = plan.moe_layers[0]
         return (f"experts {experts_text(first.experts_of(plan.rank))} of {first.num_experts} "
                 f"in {len(plan.moe_layers)} MoE layers")
@@ -145,14 +145,22 @@ def held_bytes(model: nn.Module, plan: ShardingPlan) -> int:
     if plan.strategy == "pipeline":
         lo, hi = plan.layers[0].ranges[plan.rank]
         total -= sum(param_bytes(l) for i, l in enumerate(_layer_list(model)) if not lo <= i < hi)
-    elif plan.strategy == "expert":
+    elif plan.splits_experts:
         containers = {p: info.experts for p, info, _ in find_moe_blocks(model)}
         for layer in plan.moe_layers:
             block = module_at(model, layer.path)
             experts = param_bytes(block[containers[layer.path]])
             total -= experts - experts * len(layer.experts_of(plan.rank)) // layer.num_experts
-            if layer.shared_rank != plan.rank:  # shared experts live on one rank
-                total -= sum(param_bytes(block[s]) for s in layer.shared)
+            for s in layer.shared:
+                shared = param_bytes(block[s])
+                if s in layer.split:  # hybrid: a share on every rank
+                    total -= shared - shared // plan.size
+                elif layer.shared_rank != plan.rank:  # on one rank
+                    total -= shared
+        for layer in plan.layers:  # hybrid: blocks split by tensor parallel (their norms are a rounding error)
+            if layer.holder in ("heads", "tensor"):
+                split = param_bytes(module_at(model, layer.path))
+                total -= split - split // plan.size
     return total
 
 
@@ -196,7 +204,8 @@ def load_sharded(
     sharded over `group` (default: `mx.distributed.init()`).
 
     strategy: "auto" (expert parallel for MoE models, pipeline otherwise),
-    "expert" or "pipeline". expert_weights / layer_weights: one positive
+    "expert", "hybrid" (expert-parallel experts, attention split by heads,
+    dense MLPs and shared experts by tensor parallel) or "pipeline". expert_weights / layer_weights: one positive
     number per rank, its share of experts / layers (default even).
     placement: which experts each rank holds, per MoE block ({path: [[ids
     of rank 0], ...]} or a placement file, see mlx_moe.parallel.placement); blocks
@@ -235,7 +244,7 @@ def load_sharded(
         path = _download(model_id, revision, METADATA_PATTERNS)
         skeleton, _ = load_model(path, lazy=True, strict=False)
         first = make_plan(skeleton, group, strategy, **options)
-        if first.strategy == "expert" and any(map(per_expert, weight_map(path))):
+        if first.splits_experts and any(map(per_expert, weight_map(path))):
             # One tensor per expert: the headers (not the weights) say which files to skip.
             known = read_hub(model_id, revision).tensors
         files = files_for(path, first, skeleton, known)
@@ -257,7 +266,7 @@ def load_sharded(
     tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id", None))
     check_cluster(path, plan, tokenizer, group)  # before reading: a mismatch costs no load time
 
-    if plan.strategy == "expert":
+    if plan.splits_experts:
         _trace(ckpt, model, plan)
         if ckpt.stacks:
             log(f"[rank {rank}/{size}] {len(ckpt.stacks)} expert tensors are stacked from one tensor "

@@ -37,6 +37,14 @@ def last_logits(path, ids):
     return np.array(logits[0, -1])
 
 
+def kv_bytes(path, ids) -> int:
+    """Bytes of the single-process KV cache after reading `ids`."""
+    model = _load(str(path))[0]
+    cache = make_prompt_cache(model)
+    mx.eval(model(mx.array([ids]), cache=cache))
+    return sum(c.nbytes for c in cache)
+
+
 def next_token(path, prompt):
     """The greedy choice after a text prompt."""
     tokenizer = _load(str(path))[1]

@@ -19,6 +19,7 @@ A token's trip through one expert-parallel layer, top to bottom:
    gathers every rank's tokens and the combine gives each rank its rows.
 """
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Tuple
 
@@ -395,10 +396,12 @@ class ExpertParallel(Strategy):
             layers,
         )
 
-    def apply(self, model, plan, group, read_rows: Callable = copy_rows) -> None:
+    def apply(self, model, plan, group, read_rows: Callable = copy_rows, long_attention: bool = True) -> None:
         """Keep this rank's experts, drop the rest, wrap each block for the
         combine. `read_rows(name, array, rows)` materializes rows of a
-        stacked parameter (the loader reads them straight from the file)."""
+        stacked parameter (the loader reads them straight from the file).
+        Shared experts the plan splits (`split`, hybrid) stay on every rank.
+        `long_attention`: share a long input's attention (attention.py)."""
         info = dict((p, (i, h)) for p, i, h in find_moe_blocks(model))
         local_bytes = total_bytes = 0
         for layer in plan.moe_layers:
@@ -415,11 +418,13 @@ class ExpertParallel(Strategy):
                 rows.append((name, local))
             container.update(tree_unflatten(rows))
             setattr(block, moe.experts, LocalExperts(container, layer, plan.rank))
+            if layer.split:
+                moe = dataclasses.replace(moe, shared=tuple(s for s in moe.shared if s not in layer.split))
             sharded = handler.shard(block, moe, layer.shared_rank == plan.rank, group)
             replace_module(model, layer.path, sharded)
         plan.param_bytes = {"experts_local": local_bytes, "experts_total": total_bytes}
         # Real ranks only: simulate's stand-in groups cannot gather.
-        if isinstance(group, mx.distributed.Group) and group.size() > 1:
+        if long_attention and isinstance(group, mx.distributed.Group) and group.size() > 1:
             split_long_attention(model, group)
 
 

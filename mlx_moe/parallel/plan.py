@@ -21,8 +21,10 @@ class PlanError(ValueError):
 class LayerPlan:
     index: int  # decoder layer index, -1 for modules outside the layers
     path: str  # module path of the block, e.g. "model.layers.3.mlp"
-    kind: str  # "moe" | "dense"
-    holder: str  # what each rank holds: "experts" | "replicated" | "stage"
+    kind: str  # "moe" | "dense" | "attention"
+    # What each rank holds: "experts" | "replicated" | "stage" | "tensor"
+    # (a dense MLP split by hidden units) | "heads" (attention split by heads).
+    holder: str
     num_experts: int = 0
     top_k: Optional[int] = None
     shared: Tuple[str, ...] = ()  # child names of shared experts in the block
@@ -34,6 +36,8 @@ class LayerPlan:
     # Expert ids in placed order when a placement moved them: rank r holds
     # order[lo:hi] of its range. None: rank r holds experts lo..hi-1.
     order: Optional[List[int]] = None
+    split: Tuple[str, ...] = ()  # shared experts split by tensor parallel over every rank (hybrid)
+    note: str = ""  # why a block stays replicated where its strategy would split it
 
     def experts_of(self, rank: int) -> List[int]:
         lo, hi = self.ranges[rank]
@@ -50,7 +54,7 @@ class LayerPlan:
 
 @dataclass
 class ShardingPlan:
-    strategy: str  # "expert" | "pipeline" | "single"
+    strategy: str  # "expert" | "hybrid" | "pipeline" | "single"
     reason: str
     size: int
     rank: int
@@ -61,11 +65,16 @@ class ShardingPlan:
     def moe_layers(self) -> List[LayerPlan]:
         return [l for l in self.layers if l.kind == "moe"]
 
+    @property
+    def splits_experts(self) -> bool:
+        """Whether each rank holds a share of the experts (expert parallel)."""
+        return self.strategy in ("expert", "hybrid")
+
     def __str__(self) -> str:
         w = max([24] + [len(l.path) for l in self.layers])  # the block column
         lines = [
             f"strategy: {self.strategy} on {self.size} rank(s) ({self.reason})",
-            f"{'layer':>5}  {'block':<{w}} {'kind':<6} {'experts':>7} {'top-k':>5}  "
+            f"{'layer':>5}  {'block':<{w}} {'kind':<9} {'experts':>7} {'top-k':>5}  "
             + "  ".join(f"rank {r:<8}" for r in range(self.size)),
         ]
         for l in self.layers:
@@ -73,16 +82,19 @@ class ShardingPlan:
                 cells = []
                 for r in range(len(l.ranges)):
                     cell = experts_text(l.experts_of(r))
-                    if l.shared and l.shared_rank == r:
+                    if l.split:
+                        cell += "+sh/tp"
+                    elif l.shared and l.shared_rank == r:
                         cell += "+sh"
                     cells.append(f"{cell:<13}")
                 top_k = "?" if l.top_k is None else str(l.top_k)
                 lines.append(
-                    f"{l.index:>5}  {l.path:<{w}} {'moe':<6} {l.num_experts:>7} {top_k:>5}  "
-                    + "".join(cells)
+                    f"{l.index:>5}  {l.path:<{w}} {'moe':<9} {l.num_experts:>7} {top_k:>5}  "
+                    + "".join(cells) + (f"  ({l.note})" if l.note else "")
                 )
             else:
-                lines.append(f"{l.index:>5}  {l.path:<{w}} {l.kind:<6} {'':>7} {'':>5}  {l.holder}")
+                note = f"  ({l.note})" if l.note else ""
+                lines.append(f"{l.index:>5}  {l.path:<{w}} {l.kind:<9} {'':>7} {'':>5}  {l.holder}{note}")
         if self.param_bytes:
             lines.append(
                 "parameter bytes on this rank: "

@@ -40,7 +40,7 @@ for run in spec["runs"]:
         "experts": [l.experts_of(group.rank()) for l in plan.moe_layers],
         "moe_layers": len(plan.moe_layers),
         "logits": [], "collectives": [], "messages": [], "max_message_bytes": [],
-        "decode_collectives": [],
+        "decode_collectives": [], "kv_bytes": [],
     }
     step = run.get("prefill_step", 512)
     for ids in run["inputs"]:
@@ -54,6 +54,7 @@ for run in spec["runs"]:
         r["messages"].append(stats["messages"])
         r["max_message_bytes"].append(stats["max_message_bytes"])
         r["logits"].append(logits.tolist() if run.get("return_logits", True) else None)
+        r["kv_bytes"].append(sum(c.nbytes for c in cache))
         # One decoded token after the prompt.
         mlx_moe.reset_comm_stats()
         mx.eval(model(mx.array([[int(mx.argmax(logits))]]), cache=cache))
