@@ -1,7 +1,8 @@
-"""`mlx-moe bench`: one checkpoint, five ways to run it, one table.
+"""`mlx-moe bench`: one checkpoint, six ways to run it, one table.
 
 Modes: a single process; mlx-lm's `sharded_load` tensor parallel and
-pipeline; mlx-moe expert parallel and pipeline; each parallel mode on local
+pipeline; mlx-moe expert parallel, hybrid (tensor-parallel attention and
+dense parts around expert-parallel experts) and pipeline; each parallel mode on local
 ranks over ring. The modes run alternately, `--repeats` times, and the
 table reports medians with min/max, so drift on a shared machine hits every
 mode alike. Timing comes from mlx-lm's own `generate_step`.
@@ -17,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-MODES = ["single", "mlx-lm tensor", "mlx-lm pipeline", "mlx-moe expert", "mlx-moe pipeline"]
+MODES = ["single", "mlx-lm tensor", "mlx-lm pipeline", "mlx-moe expert", "mlx-moe hybrid", "mlx-moe pipeline"]
 # Expert parallel with experts placed from the loads a calibration run measured.
 BALANCED = "mlx-moe expert balanced"
 # A scaled-down Qwen3-30B-A3B: 64 experts, top-8, moe_intermediate = hidden / 2.67.
@@ -63,7 +64,7 @@ def _load(mode, path, group, placement=None):
         return sharded_load(path, pipeline_group=group)[0]
     from .loader import load_sharded
 
-    strategy = "pipeline" if mode == "mlx-moe pipeline" else "expert"
+    strategy = {"mlx-moe pipeline": "pipeline", "mlx-moe hybrid": "hybrid"}.get(mode, "expert")
     return load_sharded(path, group, strategy, placement=placement)[0]
 
 

@@ -38,10 +38,11 @@ def _add_cluster_args(p):
                         "default: the hostfile's, else ring")
     p.add_argument("--python", help="the Python interpreter on every host (default: this one's path, "
                                     "which must then exist on every host)")
-    p.add_argument("--strategy", default="auto", choices=["auto", "expert", "hybrid", "pipeline"],
+    p.add_argument("--strategy", default="auto", choices=["auto", "expert", "hybrid", "tensor", "pipeline"],
                    help="auto: expert parallel for MoE models, else pipeline; hybrid: expert-parallel "
                         "experts with attention split by heads and dense MLPs and shared experts by "
-                        "tensor parallel")
+                        "tensor parallel; tensor: every block, experts included, split by tensor "
+                        "parallel (as mlx-lm's sharded_load)")
     p.add_argument("--max-collective-bytes", type=int, default=None,
                    help="largest message any collective sends; bigger ones are split "
                         "(default 512 KiB, or $MLX_MOE_MAX_COLLECTIVE_BYTES)")

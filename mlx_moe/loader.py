@@ -126,6 +126,8 @@ def _with_stand_ins(stand_ins: dict):
 
 
 def _share(plan: ShardingPlan) -> str:
+    if plan.strategy == "tensor":
+        return f"a 1/{plan.size} slice of every block that splits, experts included"
     if plan.splits_experts:
         first = plan.moe_layers[0]
         return (f"experts {experts_text(first.experts_of(plan.rank))} of {first.num_experts} "
@@ -145,12 +147,13 @@ def held_bytes(model: nn.Module, plan: ShardingPlan) -> int:
     if plan.strategy == "pipeline":
         lo, hi = plan.layers[0].ranges[plan.rank]
         total -= sum(param_bytes(l) for i, l in enumerate(_layer_list(model)) if not lo <= i < hi)
-    elif plan.splits_experts:
+    elif plan.splits_experts or plan.strategy == "tensor":
         containers = {p: info.experts for p, info, _ in find_moe_blocks(model)}
         for layer in plan.moe_layers:
             block = module_at(model, layer.path)
             experts = param_bytes(block[containers[layer.path]])
-            total -= experts - experts * len(layer.experts_of(plan.rank)) // layer.num_experts
+            share = 1 / plan.size if layer.holder == "tensor" else len(layer.experts_of(plan.rank)) / layer.num_experts
+            total -= experts - int(experts * share)
             for s in layer.shared:
                 shared = param_bytes(block[s])
                 if s in layer.split:  # hybrid: a share on every rank

@@ -3,7 +3,8 @@ MLPs and shared experts by tensor parallel, routed experts by expert
 parallel. Every architecture the expert-parallel suite covers is held
 against the single-process mlx-lm model (logits, greedy text), with its
 collectives counted; blocks that cannot be split stay replicated with the
-reason in the plan."""
+reason in the plan. `tensor` (the experts split by tensor parallel too) on
+one architecture of each family."""
 
 import json
 import urllib.request
@@ -12,7 +13,7 @@ import numpy as np
 
 import oracle
 from conftest import launch
-from test_architectures import COVERED, SPEC
+from test_architectures import COVERED, FAMILIES, SPEC
 from test_batching import _ask_all, _assert_single_process_answers, serving
 
 TOLERANCE = {None: 1e-4, 4: 1e-3}
@@ -28,11 +29,11 @@ def _checkpoints(checkpoint, cases):
                         **({"overrides": over} if over else {})), bits) for arch, bits, over in cases]
 
 
-def _run(paths, n, tmp_path):
-    """Each checkpoint's hybrid run on n ranks: [per rank: [per checkpoint: result]]."""
+def _run(paths, n, tmp_path, strategy="hybrid"):
+    """Each checkpoint's run on n ranks: [per rank: [per checkpoint: result]]."""
     outs = [[] for _ in range(n)]
     for start in range(0, len(paths), PER_LAUNCH):
-        runs = [{"checkpoint": str(p), "strategy": "hybrid", "inputs": INPUTS, "prompt": oracle.chat_prompt(p),
+        runs = [{"checkpoint": str(p), "strategy": strategy, "inputs": INPUTS, "prompt": oracle.chat_prompt(p),
                  "max_tokens": MAX_TOKENS} for p, _ in paths[start:start + PER_LAUNCH]]
         out = tmp_path / str(start)
         out.mkdir()
@@ -47,13 +48,13 @@ def _rows(plan: str) -> list:
             if len(w) > 3 and w[0].isdigit()]
 
 
-def _assert_single_process(outs, paths):
+def _assert_single_process(outs, paths, strategy="hybrid"):
     for i, (path, bits) in enumerate(paths):
         want = [oracle.last_logits(path, ids) for ids in INPUTS]
         text = oracle.greedy_text(path, oracle.chat_prompt(path), MAX_TOKENS)
         for rank, out in enumerate(outs):
             r = out[i]
-            assert r["strategy"] == "hybrid", r["plan"]
+            assert r["strategy"] == strategy, r["plan"]
             for got, ref in zip(r["logits"], want):
                 assert oracle.max_diff(got, ref) <= TOLERANCE[bits], (path.name, rank)
             assert r["text"] == text, (path.name, rank)
@@ -83,6 +84,16 @@ def test_every_architecture_on_two_ranks(checkpoint, tmp_path):
     assert "latent attention (MLA)" in plan("deepseek_v3", None, None)  # replicated, and why
     # Most architectures split their attention.
     assert sum(("attention", "heads") in _rows(p) for p in plans) >= 20
+
+
+def test_tensor_on_each_family(checkpoint, tmp_path):
+    cases = [(family[0], None, None) for family in FAMILIES.values()] + [("qwen3_moe", 4, None)]
+    paths = _checkpoints(checkpoint, cases)
+    outs = _run(paths, 2, tmp_path, "tensor")
+    _assert_single_process(outs, paths, "tensor")
+    qwen3 = outs[0][-1]  # 4-bit
+    assert [h for k, h in _rows(qwen3["plan"]) if k == "moe"] == ["0-7"] * SPEC["layers"]  # every expert
+    assert qwen3["decode_collectives"][0] == 2 * SPEC["layers"]
 
 
 def test_three_ranks_split_where_heads_divide(checkpoint, tmp_path):

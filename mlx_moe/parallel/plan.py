@@ -23,7 +23,7 @@ class LayerPlan:
     path: str  # module path of the block, e.g. "model.layers.3.mlp"
     kind: str  # "moe" | "dense" | "attention"
     # What each rank holds: "experts" | "replicated" | "stage" | "tensor"
-    # (a dense MLP split by hidden units) | "heads" (attention split by heads).
+    # (an MLP, or every expert, split by hidden units) | "heads" (attention split by heads).
     holder: str
     num_experts: int = 0
     top_k: Optional[int] = None
@@ -54,7 +54,7 @@ class LayerPlan:
 
 @dataclass
 class ShardingPlan:
-    strategy: str  # "expert" | "hybrid" | "pipeline" | "single"
+    strategy: str  # "expert" | "hybrid" | "tensor" | "pipeline" | "single"
     reason: str
     size: int
     rank: int

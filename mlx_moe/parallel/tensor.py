@@ -1,5 +1,7 @@
 """The `hybrid` strategy: tensor parallelism for the blocks around the
-experts, expert parallelism for the routed experts.
+experts, expert parallelism for the routed experts; and `tensor`, which
+splits the routed experts by tensor parallel too (every rank holds a slice
+of every expert, as mlx-lm's `sharded_load` does), for comparison.
 
 Attention is split by heads, dense MLPs and shared experts by their hidden
 units. The linears are cut with mlx's `shard_inplace` (q, k, v, gate and up
@@ -25,12 +27,13 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.nn.layers.distributed import shard_inplace
 from mlx.utils import tree_flatten
+from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
 from . import comm
-from .expert import ExpertParallel, find_moe_blocks
+from .expert import ExpertParallel, block_handlers, find_moe_blocks
 from .plan import LayerPlan, PlanError, layers_path, module_at, register, replace_module
 
-LINEARS = (nn.Linear, nn.QuantizedLinear)
+LINEARS = (nn.Linear, nn.QuantizedLinear, SwitchLinear, QuantizedSwitchLinear)
 QUERY_HEADS = ("n_heads", "num_heads", "num_attention_heads")
 KV_HEADS = ("n_kv_heads", "num_key_value_heads", "num_kv_heads")
 ATTENTION = ("self_attn", "attention", "attn")
@@ -43,9 +46,9 @@ OUTPUT = ("down_proj", "w2", "fc2")
 def _cut_reason(linear: nn.Module, by: str, n: int) -> Optional[str]:
     """Why `linear` cannot be cut in n by output rows or input columns (None: it can)."""
     if by == "rows":
-        rows = linear.weight.shape[0]
+        rows = linear.weight.shape[-2]  # a switch linear stacks its experts on axis 0
         return None if rows % n == 0 else f"{rows} output rows do not divide by {n} ranks"
-    if isinstance(linear, nn.QuantizedLinear):
+    if "scales" in linear:  # quantized
         groups = linear.scales.shape[-1]
         return None if groups % n == 0 else f"{groups} quantization groups per row do not divide by {n} ranks"
     cols = linear.weight.shape[-1]
@@ -84,7 +87,8 @@ def attention_split(attn: nn.Module, n: int) -> Tuple[Optional[Tuple[str, Option
 
 def mlp_split(mlp: nn.Module, n: int) -> Tuple[Optional[str], str]:
     """(its output projection's name, "") when `mlp` (linears in, one out,
-    elementwise between) splits by hidden units over n ranks, else (None, why not)."""
+    elementwise between; or the same of stacked experts) splits by hidden
+    units over n ranks, else (None, why not)."""
     children = mlp.children()
     linears = {k: c for k, c in children.items() if isinstance(c, LINEARS)}
     out = [k for k in linears if k in OUTPUT]
@@ -162,7 +166,10 @@ class Hybrid(ExpertParallel):
                 split, why = [], []
                 for s in block.shared:
                     out, reason = mlp_split(module_at(model, f"{block.path}.{s}"), n)
-                    (split.append(s) if out else why.append(f"{s}: {reason}"))
+                    if out:
+                        split.append(s)
+                    else:
+                        why.append(f"{s}: {reason}")
                 layers.append(dataclasses.replace(block, split=tuple(split), note="; ".join(why)))
                 continue
             mlp = _child(layer, MLP)
@@ -181,20 +188,62 @@ class Hybrid(ExpertParallel):
         return plan
 
     def apply(self, model, plan, group, read_rows=None) -> None:
-        for l in plan.layers:
-            if l.kind == "attention" and l.holder == "heads":
-                attn = module_at(model, l.path)
-                _cut_attention(attn, attention_split(attn, group.size())[0], group)
-            elif l.kind == "dense" and l.holder == "tensor":
-                mlp = module_at(model, l.path)
-                _cut_mlp(mlp, mlp_split(mlp, group.size())[0], group, summed=True)
-            elif l.kind == "moe":
-                for s in l.split:
-                    shared = module_at(model, f"{l.path}.{s}")
-                    _cut_mlp(shared, mlp_split(shared, group.size())[0], group, summed=False)
+        split_around(model, plan, group)
         split_attention = any(l.kind == "attention" and l.holder == "heads" for l in plan.layers)
         kwargs = {} if read_rows is None else {"read_rows": read_rows}
         super().apply(model, plan, group, long_attention=not split_attention, **kwargs)
 
 
+def split_around(model, plan, group) -> None:
+    """Cut what the plan splits around the routed experts: attention by
+    heads, dense MLPs and shared experts by hidden units."""
+    n = group.size()
+    for l in plan.layers:
+        if l.kind == "attention" and l.holder == "heads":
+            attn = module_at(model, l.path)
+            _cut_attention(attn, attention_split(attn, n)[0], group)
+        elif l.kind == "dense" and l.holder == "tensor":
+            mlp = module_at(model, l.path)
+            _cut_mlp(mlp, mlp_split(mlp, n)[0], group, summed=True)
+        elif l.kind == "moe":
+            for s in l.split:
+                shared = module_at(model, f"{l.path}.{s}")
+                _cut_mlp(shared, mlp_split(shared, n)[0], group, summed=False)
+
+
+class Tensor(Hybrid):
+    """Hybrid's split of attention and dense blocks, and every routed expert
+    split by its hidden units on every rank; the MoE block keeps its one
+    combine (the block handlers' partial sums, expert.py)."""
+
+    name = "tensor"
+
+    def detect(self, model, group, **options):
+        plan = super().detect(model, group, **options)
+        n = group.size()
+        info = {p: i for p, i, _ in find_moe_blocks(model)}
+        for l in plan.moe_layers:
+            out, why = mlp_split(module_at(model, f"{l.path}.{info[l.path].experts}"), n)
+            if out is None:
+                raise PlanError(f"{l.path}: its experts cannot be split by tensor parallel ({why}); "
+                                "use strategy='hybrid' or 'expert'")
+            l.holder, l.ranges, l.order = "tensor", [(0, l.num_experts)] * n, None
+        plan.strategy = "tensor"
+        plan.reason = plan.reason.replace("experts split on axis 0", "every expert split by tensor parallel")
+        return plan
+
+    def apply(self, model, plan, group, read_rows=None) -> None:
+        split_around(model, plan, group)
+        handlers = {h.name: h for h in block_handlers()}
+        info = {p: i for p, i, _ in find_moe_blocks(model)}
+        for l in plan.moe_layers:
+            block, moe = module_at(model, l.path), info[l.path]
+            experts = block[moe.experts]
+            _cut_mlp(experts, mlp_split(experts, group.size())[0], group, summed=False)
+            moe = dataclasses.replace(moe, shared=tuple(s for s in moe.shared if s not in l.split))
+            replace_module(model, l.path, handlers[l.handler].shard(block, moe, l.shared_rank == plan.rank, group))
+        plan.param_bytes = {}
+
+
 register(Hybrid(), auto=False)
+register(Tensor(), auto=False)
