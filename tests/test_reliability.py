@@ -143,7 +143,10 @@ def with_log(e: AssertionError, proc) -> AssertionError:
     return AssertionError(f"{e}\n--- mlx-moe serve's stderr, its end ---\n{''.join(proc.log)[-4000:]}")
 
 
-def _serve(model_path, *extra, **kw):
+def _serve(model_path, *extra, linger: float = 1, **kw):
+    """`mlx-moe serve` on two local ranks; /health keeps saying why for
+    `linger` seconds after a failure (a test that reads it then needs more)."""
+    kw["env"] = dict(kw.get("env") or os.environ, MLX_MOE_FAILED_LINGER=str(linger))
     port = free_port()
     proc = _popen([sys.executable, "-m", "mlx_moe.cli", "serve", "--hosts", "127.0.0.1,127.0.0.1",
                    "--model", str(model_path), "--port", str(port), "--max-context", "100000", *extra], **kw)
@@ -184,7 +187,7 @@ def test_killed_rank_stops_the_cluster_with_a_message(model_path, when):
 
 
 def _kill_rank_1(model_path, streaming: bool):
-    proc, port, url = _serve(model_path)
+    proc, port, url = _serve(model_path, linger=10)
     marker = f"--port {port}"
     try:
         wait_ready(url, proc)
@@ -317,7 +320,9 @@ CANNOT_LOAD = {
 @pytest.mark.parametrize("other", list(CANNOT_LOAD))
 def test_rank_that_cannot_load_fails_every_rank_fast(model_path, checkpoint, other, tmp_path):
     replace, setting = _rank1_differs(tmp_path, checkpoint, other)
-    env = dict(os.environ, REAL_PYTHON=sys.executable, RANK1_REPLACE=replace, RANK1_ENV=setting)
+    # Nothing reads /health after the failure here: it need not keep saying why.
+    env = dict(os.environ, REAL_PYTHON=sys.executable, RANK1_REPLACE=replace, RANK1_ENV=setting,
+               MLX_MOE_FAILED_LINGER="1")
     port = free_port()
     started = time.monotonic()
     proc = _popen([sys.executable, "-m", "mlx_moe.cli", "serve", "--hosts", "127.0.0.1,127.0.0.1",

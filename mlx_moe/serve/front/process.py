@@ -9,6 +9,7 @@ ranks: when they fail it ends every stream with the reason (naming the
 rank, from the launcher's log), keeps /health saying why for a moment,
 then exits non-zero."""
 
+import os
 import threading
 import time
 import types
@@ -23,7 +24,8 @@ from .answers import Answer
 # failed first; it ends when the launcher speaks (mlx.launch runs niced: slow under load).
 NOTICE_WAIT = 10.0
 FLUSH_WAIT = 5.0  # seconds open responses get to deliver their error
-FAILED_LINGER = 10.0  # seconds /health keeps saying why after a failure, before the exit
+# Seconds /health keeps saying why after a failure, before the exit.
+FAILED_LINGER = float(os.environ.get("MLX_MOE_FAILED_LINGER", "10"))
 HTTP_STOP_SLACK = 1.0  # uvicorn's own steps around its graceful wait (a tick, a pause, cancelling)
 
 
