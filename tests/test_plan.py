@@ -57,8 +57,9 @@ def test_impossible_requests_fail_early_with_the_fix():
         plan(build(QWEN3_MOE), LocalGroup(8), "expert")
     with pytest.raises(PlanError, match="no MoE block.*pipeline"):
         plan(build(LLAMA), LocalGroup(2), "expert")
-    with pytest.raises(PlanError, match="Unknown strategy 'tensor'"):
-        plan(build(QWEN3_MOE), LocalGroup(2), "tensor")
+    with pytest.raises(PlanError, match="Unknown strategy 'sequence'; choose one of: auto, expert, pipeline, "
+                                        "hybrid, tensor"):
+        plan(build(QWEN3_MOE), LocalGroup(2), "sequence")
     with pytest.raises(PlanError, match="expert_weights has 3 entries for 2 ranks"):
         plan(build(QWEN3_MOE), LocalGroup(2), "expert", expert_weights=[1, 1, 1])
 
